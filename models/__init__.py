@@ -1,0 +1,1 @@
+"""Embedded default models that the project trained itself, with their recipes."""

@@ -1,0 +1,1 @@
+"""Quantization methods, one package per method; each registers one Plugin."""

@@ -1,0 +1,179 @@
+"""Operations that the web UI and the command line share: quantize, generate, compare, describe.
+
+Everything here runs without gradio, so the command line and tests call exactly what the UI calls.
+"""
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from plugins.base import Plugin, PluginOptions, QuantizeReport
+from plugins.registry import Registry
+from quant import metrics
+from quant.device import probe
+from quant.runtime import GenerationRequest, GenerationResult, LoadedModel, PipelineCache, generate, with_denoiser
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]  # (fraction done, what is happening)
+
+
+@dataclass
+class Run:
+    """One finished generation with the method that produced it."""
+
+    request: GenerationRequest
+    result: GenerationResult
+    report: QuantizeReport
+    parameters: str  # the PNG ``parameters`` text
+
+    def stats(self) -> dict[str, str]:
+        """The figures shown after each run, in display order."""
+        result, report = self.result, self.report
+        return {
+            "method": report.plugin if report.plugin == "full" else f"{report.plugin} {report.options.get('qtype', '')}".strip(),
+            "time": f"{result.seconds:.2f} s ({result.seconds_per_step * 1000:.1f} ms per step)",
+            result.peak_memory_kind: f"{result.peak_memory_bytes / 2**20:.0f} MiB",
+            "weight bytes resident": f"{result.weight_bytes / 1e6:.2f} MB",
+            "bits per weight (quantized layers)": f"{report.bits_per_weight:.2f}",
+            "layers kept in full precision": str(len(report.skipped)),
+        }
+
+
+def prepare(cache: PipelineCache, model: str | None, plugin: Plugin, options: PluginOptions,
+            gguf_file: str | None = None, progress: Progress | None = None) -> tuple[LoadedModel, QuantizeReport]:
+    """Load ``model`` and apply ``plugin`` to its UNet or transformer (or load ``gguf_file`` into it)."""
+    loaded = cache.get(model)
+    ok, reason = plugin.available()
+    if not ok:
+        raise RuntimeError(f"plugin {plugin.id!r} is not available on this machine: {reason}")
+    if not plugin.applies_to(loaded.family, loaded.denoiser_name):
+        raise ValueError(f"plugin {plugin.id!r} does not apply to the {loaded.denoiser_name} of a {loaded.family} model")
+
+    def layer_progress(done: int, total: int, name: str) -> None:
+        if progress is not None:
+            progress(done / max(total, 1), f"quantizing {name}")
+
+    def quantize(base: LoadedModel) -> tuple[LoadedModel, QuantizeReport]:
+        denoiser = copy.deepcopy(base.denoiser)
+        if gguf_file:
+            denoiser, report = plugin.load(Path(gguf_file), denoiser)
+        else:
+            denoiser, report = plugin.quantize(denoiser, options, layer_progress)
+        logger.info("%s", report.summary())
+        return with_denoiser(base, denoiser), report
+
+    if plugin.id == "full" and not gguf_file:
+        _, report = plugin.quantize(loaded.denoiser, options)
+        return loaded, report
+    key = f"{plugin.id}:{gguf_file}" if gguf_file else f"{plugin.id}:{options.to_json()}"
+    return cache.variant(loaded, key, quantize)
+
+
+def run(loaded: LoadedModel, report: QuantizeReport, request: GenerationRequest,
+        progress: Progress | None = None) -> Run:
+    def step_progress(step: int, total: int) -> None:
+        if progress is not None:
+            progress(step / total, f"step {step}/{total}")
+
+    result = generate(loaded, request, step_progress)
+    return Run(request, result, report, parameters(loaded, report, request, result))
+
+
+def parameters(loaded: LoadedModel, report: QuantizeReport, request: GenerationRequest,
+               result: GenerationResult) -> str:
+    from quant.pngmeta import parameters_text
+
+    width, height = result.images[0].size
+    settings = {
+        "Steps": request.steps,
+        "Sampler": request.scheduler,
+        "CFG scale": request.guidance,
+        "Seed": request.seed,
+        "Size": f"{width}x{height}",
+        "Model": loaded.source if loaded.is_embedded else Path(loaded.source).name,
+        "Compute dtype": str(loaded.dtype).removeprefix("torch."),
+        "Quantization": report.plugin,
+        "Quantization options": report.options,
+    }
+    return parameters_text(request.prompt, request.negative_prompt, settings)
+
+
+def compare(baseline: Run, quantized: Run) -> list[dict[str, str]]:
+    """Rows of the comparison table: both runs' figures and the quality of the quantized image."""
+    rows = []
+    for label, run_ in (("full precision", baseline), ("quantized", quantized)):
+        row = {"run": label, **run_.stats()}
+        if run_ is quantized:
+            reference, image = baseline.result.images[0], quantized.result.images[0]
+            row["PSNR (dB)"] = f"{metrics.psnr(reference, image):.2f}"
+            row["SSIM"] = f"{metrics.ssim(reference, image):.4f}"
+        else:
+            row["PSNR (dB)"], row["SSIM"] = "reference", "reference"
+        if metrics.is_adherence_prompt(run_.request.prompt):
+            images = run_.result.images
+            row["adherence"] = f"{metrics.adherence(images, [run_.request.prompt] * len(images)):.2f}"
+        rows.append(row)
+    return rows
+
+
+def system_rows(registry: Registry) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """The device probe's answers and every plugin with its availability, for the System tab and CLI."""
+    info = probe()
+    device = {
+        "device": f"{info.device} ({info.name})",
+        "usable dtypes": ", ".join(info.dtypes),
+        "compute dtype": f"{info.compute_dtype}: {info.compute_dtype_reason}",
+        "memory": f"{info.free_memory / 2**30:.1f} GiB free of {info.total_memory / 2**30:.1f} GiB",
+        "CPU flags": ", ".join(info.cpu_flags) or "none",
+        **{f"engine {name}": status for name, status in info.engines.items()},
+    }
+    rows = []
+    for plugin in registry.plugins.values():
+        ok, reason = plugin.available()
+        rows.append({"plugin": plugin.id, "name": plugin.name, "available": "yes" if ok else "no",
+                     "reason": reason, "parts": ", ".join(plugin.parts), "follows": plugin.reference})
+    for source, error in registry.errors.items():
+        rows.append({"plugin": source, "name": "failed to load", "available": "no", "reason": error,
+                     "parts": "", "follows": ""})
+    return device, rows
+
+
+def options_from_values(plugin: Plugin, values: dict) -> PluginOptions:
+    """Build a plugin's options from UI or command-line values, ignoring unset ones."""
+    names = {spec.name for spec in dataclasses.fields(plugin.options_class)}
+    return plugin.options_class.from_dict({k: v for k, v in values.items() if k in names and v is not None})
+
+
+def enlarge(image: Image.Image, factor: int) -> Image.Image:
+    """Scale an image up by an integer factor with nearest-neighbour sampling, so pixels stay sharp."""
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+def save_images(finished: Run, folder: Path, enlarge_to: int = 0) -> list[tuple[Path, Path]]:
+    """Save a run's images as PNGs with their ``parameters`` chunk; returns (original, display) paths.
+
+    When ``enlarge_to`` is larger than an image, a copy enlarged by an integer factor with
+    nearest-neighbour sampling is saved beside it for display.
+    """
+    from quant.pngmeta import save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = len(list(folder.glob("*.png")))
+    saved = []
+    for index, (image, seed) in enumerate(zip(finished.result.images, finished.result.seeds)):
+        stem = f"{existing + index:05d}-{finished.report.plugin}-{seed}"
+        original = folder / f"{stem}.png"
+        save_png(image, original, finished.parameters)
+        factor = enlarge_to // max(image.size)
+        display = original
+        if factor > 1:
+            display = folder / "display" / f"{stem}-x{factor}.png"
+            save_png(enlarge(image, factor), display, finished.parameters)
+        saved.append((original, display))
+    return saved
