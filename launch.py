@@ -1,10 +1,10 @@
 """LowBit Studio entry point: the web UI (default) and headless sub-commands.
 
-    python launch.py                      # web UI on http://127.0.0.1:7860
-    python launch.py --listen --port 7861 --auth user:pass
-    python launch.py generate --prompt "a red circle on a blue background" --plugin gguf --qtype Q4_0 --out a.png
-    python launch.py quantize --plugin gguf --qtype Q4_0 --out unet.gguf
-    python launch.py plugins
+python launch.py                      # web UI on http://127.0.0.1:7860
+python launch.py --listen --port 7861 --auth user:pass
+python launch.py generate --prompt "a red circle on a blue background" --plugin gguf --qtype Q4_0 --out a.png
+python launch.py quantize --plugin gguf --qtype Q4_0 --out unet.gguf
+python launch.py plugins
 """
 
 import argparse
@@ -38,8 +38,12 @@ def _add_plugin_options(parser: argparse.ArgumentParser, registry) -> None:
             seen.add(spec.name)
             choices = spec.metadata.get("choices")
             hint = f" (plugin {plugin.id}; one of {', '.join(choices)})" if choices else f" (plugin {plugin.id})"
-            parser.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"option_{spec.name}", default=None,
-                                help=spec.metadata.get("help", "") + hint)
+            parser.add_argument(
+                f"--{spec.name.replace('_', '-')}",
+                dest=f"option_{spec.name}",
+                default=None,
+                help=spec.metadata.get("help", "") + hint,
+            )
 
 
 def _plugin_and_options(args, registry):
@@ -49,8 +53,11 @@ def _plugin_and_options(args, registry):
         plugin = registry.get(args.plugin)
     except KeyError as error:
         raise UsageError(error.args[0]) from None
-    values = {key.removeprefix("option_"): value for key, value in vars(args).items()
-              if key.startswith("option_") and value is not None}
+    values = {
+        key.removeprefix("option_"): value
+        for key, value in vars(args).items()
+        if key.startswith("option_") and value is not None
+    }
     names = {spec.name for spec in dataclasses.fields(plugin.options_class)}
     foreign = sorted(set(values) - names)
     if foreign:
@@ -64,9 +71,9 @@ def _progress_bar(description: str):
 
     bar = tqdm(total=100, desc=description, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
 
-    def update(fraction: float, what: str) -> None:
+    def update(fraction: float, message: str) -> None:
         bar.n = round(100 * fraction)
-        bar.set_postfix_str(what, refresh=False)
+        bar.set_postfix_str(message, refresh=False)
         bar.refresh()
 
     return bar, update
@@ -82,9 +89,17 @@ def command_generate(args, registry) -> int:
         raise UsageError("--gguf needs --plugin gguf")
     if args.gguf and not Path(args.gguf).is_file():
         raise UsageError(f"GGUF file not found: {args.gguf}")
-    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                                steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
-                                batch_size=args.batch_size, scheduler=args.scheduler)
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        batch_size=args.batch_size,
+        scheduler=args.scheduler,
+    )
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must name a .png file, got {args.out!r}")
@@ -97,8 +112,11 @@ def command_generate(args, registry) -> int:
     finished = run(loaded, report, request, update)
     bar.close()
 
-    paths = [out] if len(finished.result.images) == 1 else [
-        out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(finished.result.images))]
+    paths = (
+        [out]
+        if len(finished.result.images) == 1
+        else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(finished.result.images))]
+    )
     for image, path in zip(finished.result.images, paths):
         save_png(image, path, finished.parameters)
     for label, value in finished.stats().items():
@@ -108,13 +126,15 @@ def command_generate(args, registry) -> int:
 
 
 def command_quantize(args, registry) -> int:
-    from quant.runtime import PipelineCache
     from plugins.studio import prepare
+    from quant.runtime import PipelineCache
 
     plugin, options = _plugin_and_options(args, registry)
     if plugin.file_suffix is None:
-        raise UsageError(f"plugin {plugin.id!r} saves no file; pick one of: "
-                         + ", ".join(p.id for p in registry.plugins.values() if p.file_suffix))
+        raise UsageError(
+            f"plugin {plugin.id!r} saves no file; pick one of: "
+            + ", ".join(p.id for p in registry.plugins.values() if p.file_suffix)
+        )
     out = Path(args.out)
     if out.suffix != plugin.file_suffix:
         raise UsageError(f"--out must end in {plugin.file_suffix} for plugin {plugin.id!r}, got {args.out!r}")
@@ -150,8 +170,9 @@ def command_webui(args, registry) -> int:
         auth = (user, password)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     app = build_app(registry)
-    app.queue(default_concurrency_limit=1).launch(server_name=host, server_port=args.port, auth=auth,
-                                                  inbrowser=False, css=CSS)
+    app.queue(default_concurrency_limit=1).launch(
+        server_name=host, server_port=args.port, auth=auth, inbrowser=False, css=CSS
+    )
     return 0
 
 
@@ -160,8 +181,12 @@ def build_parser(registry) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="launch.py", description="LowBit Studio: quantized image generation.")
     parser.add_argument("--listen", action="store_true", help="serve on all interfaces (0.0.0.0) instead of 127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
-                        help="port of the web UI (default 7860)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+        help="port of the web UI (default 7860)",
+    )
     parser.add_argument("--auth", default=None, help="require a login, given as user:password")
     parser.add_argument("--verbose", action="store_true", help="log debug messages and full tracebacks")
     commands = parser.add_subparsers(dest="command")
@@ -169,9 +194,13 @@ def build_parser(registry) -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate images headless")
     generate.add_argument("--prompt", required=True, help="text prompt")
     generate.add_argument("--negative-prompt", default="", help="negative prompt")
-    generate.add_argument("--model", default=None, help="diffusers folder, .safetensors file or hub id (default: the embedded model)")
+    generate.add_argument(
+        "--model", default=None, help="diffusers folder, .safetensors file or hub id (default: the embedded model)"
+    )
     generate.add_argument("--plugin", default="full", help="quantization plugin id (see `launch.py plugins`)")
-    generate.add_argument("--gguf", default=None, help="load the UNet or transformer from this .gguf file (with --plugin gguf)")
+    generate.add_argument(
+        "--gguf", default=None, help="load the UNet or transformer from this .gguf file (with --plugin gguf)"
+    )
     generate.add_argument("--seed", type=int, default=0, help="random seed; a batch uses seed, seed+1, ...")
     generate.add_argument("--steps", type=int, default=20, help="denoising steps")
     generate.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
@@ -183,7 +212,9 @@ def build_parser(registry) -> argparse.ArgumentParser:
     _add_plugin_options(generate, registry)
 
     quantize = commands.add_parser("quantize", help="quantize a model's UNet or transformer and save the artefact")
-    quantize.add_argument("--model", default=None, help="diffusers folder, .safetensors file or hub id (default: the embedded model)")
+    quantize.add_argument(
+        "--model", default=None, help="diffusers folder, .safetensors file or hub id (default: the embedded model)"
+    )
     quantize.add_argument("--plugin", required=True, help="quantization plugin id")
     quantize.add_argument("--out", required=True, help="output file")
     _add_plugin_options(quantize, registry)

@@ -54,8 +54,9 @@ class PluginOptions:
                 raise ValueError(f"{spec.name} must be between {minimum} and {maximum}, got {value!r}")
 
     def to_dict(self) -> dict:
-        return {name: list(value) if isinstance(value, tuple) else value
-                for name, value in dataclasses.asdict(self).items()}
+        return {
+            name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(self).items()
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -112,8 +113,16 @@ class QuantizeReport:
 
     @classmethod
     def from_swap(cls, plugin: str, options: "PluginOptions", swap: SwapReport, seconds: float) -> "QuantizeReport":
-        return cls(plugin, options.to_dict(), len(swap.quantized), swap.skipped, swap.bits_per_weight,
-                   swap.bytes_before, swap.bytes_after, seconds)
+        return cls(
+            plugin,
+            options.to_dict(),
+            len(swap.quantized),
+            swap.skipped,
+            swap.bits_per_weight,
+            swap.bytes_before,
+            swap.bytes_after,
+            seconds,
+        )
 
     def summary(self) -> str:
         return (
@@ -146,8 +155,9 @@ class Plugin(ABC):
         return self.options_class()
 
     @abstractmethod
-    def quantize(self, part: nn.Module, options: PluginOptions, progress: Progress | None = None
-                 ) -> tuple[nn.Module, QuantizeReport]:
+    def quantize(
+        self, part: nn.Module, options: PluginOptions, progress: Progress | None = None
+    ) -> tuple[nn.Module, QuantizeReport]:
         """Quantize a model part and return it (it may be the same object, changed in place) with a report."""
 
     def save(self, part: nn.Module, report: QuantizeReport, options: PluginOptions, path: Path) -> Path:

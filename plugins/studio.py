@@ -20,7 +20,7 @@ from quant.runtime import GenerationRequest, GenerationResult, LoadedModel, Pipe
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]  # (fraction done, what is happening)
+Progress = Callable[[float, str], None]  # (fraction done, status message)
 
 
 @dataclass
@@ -36,7 +36,9 @@ class Run:
         """The figures shown after each run, in display order."""
         result, report = self.result, self.report
         return {
-            "method": report.plugin if report.plugin == "full" else f"{report.plugin} {report.options.get('qtype', '')}".strip(),
+            "method": report.plugin
+            if report.plugin == "full"
+            else f"{report.plugin} {report.options.get('qtype', '')}".strip(),
             "time": f"{result.seconds:.2f} s ({result.seconds_per_step * 1000:.1f} ms per step)",
             result.peak_memory_kind: f"{result.peak_memory_bytes / 2**20:.0f} MiB",
             "weight bytes resident": f"{result.weight_bytes / 1e6:.2f} MB",
@@ -45,15 +47,23 @@ class Run:
         }
 
 
-def prepare(cache: PipelineCache, model: str | None, plugin: Plugin, options: PluginOptions,
-            gguf_file: str | None = None, progress: Progress | None = None) -> tuple[LoadedModel, QuantizeReport]:
+def prepare(
+    cache: PipelineCache,
+    model: str | None,
+    plugin: Plugin,
+    options: PluginOptions,
+    gguf_file: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[LoadedModel, QuantizeReport]:
     """Load ``model`` and apply ``plugin`` to its UNet or transformer (or load ``gguf_file`` into it)."""
     loaded = cache.get(model)
     ok, reason = plugin.available()
     if not ok:
         raise RuntimeError(f"plugin {plugin.id!r} is not available on this machine: {reason}")
     if not plugin.applies_to(loaded.family, loaded.denoiser_name):
-        raise ValueError(f"plugin {plugin.id!r} does not apply to the {loaded.denoiser_name} of a {loaded.family} model")
+        raise ValueError(
+            f"plugin {plugin.id!r} does not apply to the {loaded.denoiser_name} of a {loaded.family} model"
+        )
 
     def layer_progress(done: int, total: int, name: str) -> None:
         if progress is not None:
@@ -75,8 +85,9 @@ def prepare(cache: PipelineCache, model: str | None, plugin: Plugin, options: Pl
     return cache.variant(loaded, key, quantize)
 
 
-def run(loaded: LoadedModel, report: QuantizeReport, request: GenerationRequest,
-        progress: Progress | None = None) -> Run:
+def run(
+    loaded: LoadedModel, report: QuantizeReport, request: GenerationRequest, progress: Progress | None = None
+) -> Run:
     def step_progress(step: int, total: int) -> None:
         if progress is not None:
             progress(step / total, f"step {step}/{total}")
@@ -85,8 +96,9 @@ def run(loaded: LoadedModel, report: QuantizeReport, request: GenerationRequest,
     return Run(request, result, report, parameters(loaded, report, request, result))
 
 
-def parameters(loaded: LoadedModel, report: QuantizeReport, request: GenerationRequest,
-               result: GenerationResult) -> str:
+def parameters(
+    loaded: LoadedModel, report: QuantizeReport, request: GenerationRequest, result: GenerationResult
+) -> str:
     from quant.pngmeta import parameters_text
 
     width, height = result.images[0].size
@@ -136,11 +148,20 @@ def system_rows(registry: Registry) -> tuple[dict[str, str], list[dict[str, str]
     rows = []
     for plugin in registry.plugins.values():
         ok, reason = plugin.available()
-        rows.append({"plugin": plugin.id, "name": plugin.name, "available": "yes" if ok else "no",
-                     "reason": reason, "parts": ", ".join(plugin.parts), "follows": plugin.reference})
+        rows.append(
+            {
+                "plugin": plugin.id,
+                "name": plugin.name,
+                "available": "yes" if ok else "no",
+                "reason": reason,
+                "parts": ", ".join(plugin.parts),
+                "follows": plugin.reference,
+            }
+        )
     for source, error in registry.errors.items():
-        rows.append({"plugin": source, "name": "failed to load", "available": "no", "reason": error,
-                     "parts": "", "follows": ""})
+        rows.append(
+            {"plugin": source, "name": "failed to load", "available": "no", "reason": error, "parts": "", "follows": ""}
+        )
     return device, rows
 
 

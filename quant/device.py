@@ -1,6 +1,6 @@
 """Device probe: which device, which dtypes work there, free memory and optional engines.
 
-Plugins ask it what they can run; the System tab and ``launch.py plugins`` show its answers.
+Plugins query it for what they can run, and the System tab and ``launch.py plugins`` show its results.
 """
 
 import importlib.util
@@ -20,13 +20,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ENGINES = {
     "bitsandbytes": "install it with: pip install bitsandbytes",
     "llama_cpp": "install it with: pip install llama-cpp-python, which compiles llama.cpp in about 5 minutes",
-    "nunchaku": "install it from the nunchaku GitHub releases on a CUDA machine; the PyPI package of that name is unrelated",
+    "nunchaku": (
+        "install it from the nunchaku GitHub releases on a CUDA machine; the PyPI package of that name is unrelated"
+    ),
 }
 
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """What the probe found on one device."""
+    """Probe results for one device."""
 
     device: str
     name: str
@@ -89,14 +91,21 @@ def _pick_cpu_compute_dtype(flags: tuple[str, ...]) -> tuple[str, str]:
 def probe(device: str | None = None) -> DeviceInfo:
     """Probe ``device`` ("cuda", "mps", "cpu"), or the best one present when None."""
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
     if device not in ("cuda", "mps", "cpu"):
         raise ValueError(f"unknown device {device!r}; expected 'cuda', 'mps' or 'cpu'")
     engines = {engine: _engine_status(engine, device) for engine in ENGINES}
 
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was requested but PyTorch sees no CUDA GPU; install a CUDA build of torch")
+            raise RuntimeError(
+                "device 'cuda' was requested but PyTorch sees no CUDA GPU; install a CUDA build of torch"
+            )
         capability = torch.cuda.get_device_capability()
         free, total = torch.cuda.mem_get_info()
         bf16 = capability >= (8, 0)
@@ -109,14 +118,34 @@ def probe(device: str | None = None) -> DeviceInfo:
 
     memory = psutil.virtual_memory()
     if device == "mps":
-        return DeviceInfo("mps", "Apple GPU", ("float32", "float16"), "float16", "MPS has float16 matmuls",
-                          memory.total, memory.available, None, (), engines)
+        return DeviceInfo(
+            "mps",
+            "Apple GPU",
+            ("float32", "float16"),
+            "float16",
+            "MPS has float16 matmuls",
+            memory.total,
+            memory.available,
+            None,
+            (),
+            engines,
+        )
 
     flags = _cpu_flags()
     compute, reason = _pick_cpu_compute_dtype(flags)
     # No float16 on the CPU: PyTorch's CPU float16 matmuls are emulated and slow.
-    return DeviceInfo("cpu", _cpu_name(), ("float32", "bfloat16"), compute, reason,
-                      memory.total, memory.available, None, flags, engines)
+    return DeviceInfo(
+        "cpu",
+        _cpu_name(),
+        ("float32", "bfloat16"),
+        compute,
+        reason,
+        memory.total,
+        memory.available,
+        None,
+        flags,
+        engines,
+    )
 
 
 def resolve_dtype(name: str | None, info: DeviceInfo) -> torch.dtype:

@@ -34,8 +34,14 @@ class SkipLayer(Exception):
 class QuantizedLayer(nn.Module):
     """Common state of the quantized layers: packed weight, its format, bias and compute dtype."""
 
-    def __init__(self, qweight: torch.Tensor, weight_format: WeightFormat, shape: tuple[int, ...],
-                 bias: torch.Tensor | None, compute_dtype: torch.dtype):
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        weight_format: WeightFormat,
+        shape: tuple[int, ...],
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+    ):
         super().__init__()
         self.register_buffer("qweight", qweight)
         self.weight_format = weight_format
@@ -54,8 +60,9 @@ class QuantizedLayer(nn.Module):
 
 
 class QuantizedLinear(QuantizedLayer):
-    def __init__(self, linear: nn.Linear, qweight: torch.Tensor, weight_format: WeightFormat,
-                 compute_dtype: torch.dtype):
+    def __init__(
+        self, linear: nn.Linear, qweight: torch.Tensor, weight_format: WeightFormat, compute_dtype: torch.dtype
+    ):
         super().__init__(qweight, weight_format, tuple(linear.weight.shape), linear.bias, compute_dtype)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -64,8 +71,7 @@ class QuantizedLinear(QuantizedLayer):
 
 
 class QuantizedConv2d(QuantizedLayer):
-    def __init__(self, conv: nn.Conv2d, qweight: torch.Tensor, weight_format: WeightFormat,
-                 compute_dtype: torch.dtype):
+    def __init__(self, conv: nn.Conv2d, qweight: torch.Tensor, weight_format: WeightFormat, compute_dtype: torch.dtype):
         if conv.padding_mode != "zeros":
             raise SkipLayer(f"padding mode {conv.padding_mode!r} is not supported, only 'zeros'")
         super().__init__(qweight, weight_format, tuple(conv.weight.shape), conv.bias, compute_dtype)
@@ -73,8 +79,15 @@ class QuantizedConv2d(QuantizedLayer):
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x.to(self.compute_dtype), self.dequantize(), self._bias(),
-                     self.stride, self.padding, self.dilation, self.groups)
+        y = F.conv2d(
+            x.to(self.compute_dtype),
+            self.dequantize(),
+            self._bias(),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
         return y.to(x.dtype)
 
 
@@ -133,7 +146,9 @@ def swap_layers(
         logger.info("kept %s in full precision: %s", name, reason)
     logger.info(
         "quantized %d layers (%.2f bits per weight), kept %d in full precision",
-        len(report.quantized), report.bits_per_weight, len(report.skipped),
+        len(report.quantized),
+        report.bits_per_weight,
+        len(report.skipped),
     )
     return report
 

@@ -53,7 +53,7 @@ T = TypeVar("T")
 
 
 class ModelLoadError(RuntimeError):
-    """A model source that cannot be loaded; the message says why and what to do."""
+    """A model source that cannot be loaded. The message names the cause and the next step."""
 
 
 # ---------------------------------------------------------------- loading
@@ -69,6 +69,11 @@ class LoadedModel:
     denoiser_name: str  # "unet" or "transformer"
     dtype: torch.dtype
     device: str
+    default_scheduler: object = None  # the scheduler the model shipped with; generate() may swap in others
+
+    def __post_init__(self):
+        if self.default_scheduler is None:
+            self.default_scheduler = self.pipeline.scheduler
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -123,10 +128,14 @@ def resolve_source(source: str | None) -> tuple[str, str]:
         return "single_file", str(path.resolve())
     if HUB_ID.match(source) and not source.startswith("."):
         return "hub", source
-    raise ModelLoadError(f"model folder or file not found: {source!r}; pass a diffusers folder, a .safetensors file or a hub id")
+    raise ModelLoadError(
+        f"model folder or file not found: {source!r}; pass a diffusers folder, a .safetensors file or a hub id"
+    )
 
 
-def load_pipeline(source: str | None = None, dtype: torch.dtype | None = None, device: str | None = None) -> LoadedModel:
+def load_pipeline(
+    source: str | None = None, dtype: torch.dtype | None = None, device: str | None = None
+) -> LoadedModel:
     """Load a pipeline from any supported source onto ``device`` in ``dtype``."""
     info = probe(device)
     dtype = dtype or getattr(torch, info.compute_dtype)
@@ -139,7 +148,15 @@ def load_pipeline(source: str | None = None, dtype: torch.dtype | None = None, d
     elif kind == "folder":
         pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
     elif kind == "single_file":
-        pipeline = _single_file_pipeline(Path(source)).from_single_file(source, torch_dtype=dtype)
+        pipeline_class = _single_file_pipeline(Path(source))
+        try:
+            pipeline = pipeline_class.from_single_file(source, torch_dtype=dtype)
+        except OSError as error:
+            raise ModelLoadError(
+                f"could not load {Path(source).name} as {pipeline_class.__name__}: diffusers needs the pipeline's "
+                f"configuration from the Hugging Face hub cache and could not get it ({error.__class__.__name__}). "
+                "Pass a diffusers folder instead, or load the checkpoint once where the hub is reachable"
+            ) from error
     else:
         try:
             pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
@@ -155,7 +172,10 @@ def load_pipeline(source: str | None = None, dtype: torch.dtype | None = None, d
     loaded = LoadedModel(source, pipeline, _family(pipeline, source), denoiser_name, dtype, info.device)
     logger.info(
         "loaded %s (%s, %s) in %.1f s: %.1f MB of weights",
-        source, loaded.family, str(dtype).removeprefix("torch."), time.perf_counter() - started,
+        source,
+        loaded.family,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - started,
         pipeline_weight_bytes(pipeline) / 1e6,
     )
     return loaded
@@ -170,7 +190,15 @@ def with_denoiser(loaded: LoadedModel, denoiser: torch.nn.Module) -> LoadedModel
     components = {**loaded.pipeline.components, loaded.denoiser_name: denoiser}
     pipeline = type(loaded.pipeline)(**components)
     pipeline.set_progress_bar_config(disable=True)
-    return LoadedModel(loaded.source, pipeline, loaded.family, loaded.denoiser_name, loaded.dtype, loaded.device)
+    return LoadedModel(
+        loaded.source,
+        pipeline,
+        loaded.family,
+        loaded.denoiser_name,
+        loaded.dtype,
+        loaded.device,
+        loaded.default_scheduler,
+    )
 
 
 class PipelineCache:
@@ -240,7 +268,9 @@ class GenerationRequest:
         if not 1 <= self.batch_size <= MAX_BATCH:
             raise ValueError(f"batch size must be between 1 and {MAX_BATCH}, got {self.batch_size}")
         if self.scheduler != DEFAULT_SCHEDULER and self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; expected one of {[DEFAULT_SCHEDULER, *SCHEDULERS]}")
+            raise ValueError(
+                f"unknown scheduler {self.scheduler!r}; expected one of {[DEFAULT_SCHEDULER, *SCHEDULERS]}"
+            )
 
 
 @dataclass
@@ -291,8 +321,8 @@ class _PeakMemory:
 
 def _scheduler(loaded: LoadedModel, name: str):
     if name == DEFAULT_SCHEDULER:
-        return loaded.pipeline.scheduler
-    return SCHEDULERS[name].from_config(loaded.pipeline.scheduler.config)
+        return loaded.default_scheduler
+    return SCHEDULERS[name].from_config(loaded.default_scheduler.config)
 
 
 @torch.inference_mode()
@@ -339,3 +369,24 @@ def generate(
         weight_bytes=pipeline_weight_bytes(pipeline),
         seeds=seeds,
     )
+
+
+@torch.inference_mode()
+def generate_many(
+    loaded: LoadedModel, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 4.0, chunk: int = 32
+) -> list[Image.Image]:
+    """Generate one image per (prompt, seed) pair, ``chunk`` pairs per pipeline call.
+
+    Each image starts from the noise of its own seed, as a single ``generate`` call with that seed does.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; expected one seed per prompt")
+    loaded.pipeline.scheduler = loaded.default_scheduler
+    images = []
+    for start in range(0, len(prompts), chunk):
+        batch_prompts = prompts[start : start + chunk]
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds[start : start + chunk]]
+        images += loaded.pipeline(
+            batch_prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators
+        ).images
+    return images

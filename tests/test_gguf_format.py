@@ -70,9 +70,11 @@ def test_bfloat16_unpack_rounds_float32_once():
 
 @pytest.mark.parametrize(
     "shape, reason",
-    [((64,), "1-D tensors stay in full precision"),
-     ((8, 36), "rows of 36 values are not a multiple of the 32-value block"),
-     ((8, 4, 3, 3), "rows of 36 values are not a multiple of the 32-value block")],
+    [
+        ((64,), "1-D tensors stay in full precision"),
+        ((8, 36), "rows of 36 values are not a multiple of the 32-value block"),
+        ((8, 4, 3, 3), "rows of 36 values are not a multiple of the 32-value block"),
+    ],
 )
 def test_can_pack_reasons(shape, reason):
     assert gguf_format.can_pack(shape) == reason

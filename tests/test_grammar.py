@@ -48,11 +48,13 @@ def test_checker_rejects_grey_image():
 
 @pytest.mark.parametrize(
     "caption, expected",
-    [("a red circle on a blue background", grammar.Scene("red", "circle", "blue")),
-     ("  A Red Circle on a Blue background ", grammar.Scene("red", "circle", "blue")),
-     ("a red circle on a red background", None),
-     ("a purple circle on a blue background", None),
-     ("a cat", None)],
+    [
+        ("a red circle on a blue background", grammar.Scene("red", "circle", "blue")),
+        ("  A Red Circle on a Blue background ", grammar.Scene("red", "circle", "blue")),
+        ("a red circle on a red background", None),
+        ("a purple circle on a blue background", None),
+        ("a cat", None),
+    ],
 )
 def test_parse_caption(caption, expected):
     assert grammar.parse_caption(caption) == expected

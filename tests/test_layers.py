@@ -29,8 +29,10 @@ def test_swap_reports_quantized_and_skipped():
     model = _model()
     report = swap_layers(model, _pack, torch.float32, keep=["4"])
     assert report.quantized == ["1", "3"]
-    assert report.skipped == [("0", "rows of 36 values are not a multiple of the 32-value block"),
-                              ("4", "on the keep list ('4')")]
+    assert report.skipped == [
+        ("0", "rows of 36 values are not a multiple of the 32-value block"),
+        ("4", "on the keep list ('4')"),
+    ]
     assert isinstance(model[1], QuantizedConv2d)
     assert isinstance(model[3], QuantizedLinear)
     assert isinstance(model[4], nn.Linear)

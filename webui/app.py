@@ -17,8 +17,10 @@ CSS = "#generate-gallery img, .image-container img { image-rendering: pixelated;
 def build_app(registry: Registry, cache: PipelineCache | None = None) -> gr.Blocks:
     cache = cache or PipelineCache()
     with gr.Blocks(title="LowBit Studio", analytics_enabled=False) as app:
-        gr.Markdown("# LowBit Studio\nQuantized image generation: pick a model and a method, "
-                    "compare with full precision on the same seed.")
+        gr.Markdown(
+            "# LowBit Studio\nQuantized image generation: pick a model and a method, "
+            "compare with full precision on the same seed."
+        )
         with gr.Tab("Generate"):
             generate_tab.build(registry, cache)
         with gr.Tab("Compare"):

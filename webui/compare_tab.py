@@ -30,7 +30,7 @@ def build(registry: Registry, cache: PipelineCache) -> None:
     @user_errors
     def on_compare(*values, progress=gr.Progress()):
         generation_values = values[: len(controls.inputs)]
-        plugin_id, *option_values = values[len(controls.inputs):]
+        plugin_id, *option_values = values[len(controls.inputs) :]
         plugin = registry.get(plugin_id)
         options = plugin.options_class.from_dict(picker.values(plugin_id, tuple(option_values)))
         request = request_from_values(list(generation_values), batch_size=1)
@@ -39,17 +39,37 @@ def build(registry: Registry, cache: PipelineCache) -> None:
 
         yield gr.skip(), gr.skip(), "generating in full precision...", gr.skip()
         loaded, report = prepare(cache, model, full, full.default_options())
-        baseline = run(loaded, report, request, lambda f, what: progress(0.5 * f, desc=f"full precision: {what}"))
+        baseline = run(
+            loaded,
+            report,
+            request,
+            lambda fraction, message: progress(0.5 * fraction, desc=f"full precision: {message}"),
+        )
         baseline_path = save_images(baseline, output_folder(), ENLARGE_TO)[0][1]
         yield str(baseline_path), gr.skip(), f"applying {plugin.name}...", gr.skip()
 
-        loaded, report = prepare(cache, model, plugin, options, progress=lambda f, what: progress(0.5, desc=what))
-        quantized = run(loaded, report, request, lambda f, what: progress(0.5 + 0.5 * f, desc=f"{plugin.name}: {what}"))
+        loaded, report = prepare(
+            cache, model, plugin, options, progress=lambda fraction, message: progress(0.5, desc=message)
+        )
+        quantized = run(
+            loaded,
+            report,
+            request,
+            lambda fraction, message: progress(0.5 + 0.5 * fraction, desc=f"{plugin.name}: {message}"),
+        )
         quantized_path = save_images(quantized, output_folder(), ENLARGE_TO)[0][1]
         rows = compare(baseline, quantized)
         columns = list(rows[0])
-        yield str(baseline_path), str(quantized_path), f"done: {report.summary()}", {
-            "headers": columns, "data": [[row.get(column, "") for column in columns] for row in rows]}
+        yield (
+            str(baseline_path),
+            str(quantized_path),
+            f"done: {report.summary()}",
+            {"headers": columns, "data": [[row.get(column, "") for column in columns] for row in rows]},
+        )
 
-    start.click(on_compare, inputs=[*controls.inputs, *picker.inputs],
-                outputs=[baseline_image, quantized_image, status, table], api_name="compare")
+    start.click(
+        on_compare,
+        inputs=[*controls.inputs, *picker.inputs],
+        outputs=[baseline_image, quantized_image, status, table],
+        api_name="compare",
+    )

@@ -29,8 +29,14 @@ def _control(plugin: Plugin, spec: dataclasses.Field):
     if hint is bool:
         return gr.Checkbox(value=default, label=label, info=info)
     if hint in (int, float):
-        return gr.Number(value=default, label=label, info=info, precision=0 if hint is int else None,
-                         minimum=spec.metadata.get("minimum"), maximum=spec.metadata.get("maximum"))
+        return gr.Number(
+            value=default,
+            label=label,
+            info=info,
+            precision=0 if hint is int else None,
+            minimum=spec.metadata.get("minimum"),
+            maximum=spec.metadata.get("maximum"),
+        )
     if typing.get_origin(hint) is tuple:
         return gr.Textbox(value=", ".join(default), label=label, info=info)
     return gr.Textbox(value=str(default), label=label, info=info)
@@ -54,8 +60,11 @@ class PluginPicker:
 
     def wire(self) -> None:
         ids = list(self.groups)
-        self.dropdown.change(lambda chosen: [gr.update(visible=pid == chosen) for pid in ids],
-                             inputs=self.dropdown, outputs=list(self.groups.values()))
+        self.dropdown.change(
+            lambda chosen: [gr.update(visible=pid == chosen) for pid in ids],
+            inputs=self.dropdown,
+            outputs=list(self.groups.values()),
+        )
 
 
 def plugin_picker(registry: Registry, default: str = "gguf", exclude: tuple[str, ...] = ()) -> PluginPicker:
@@ -94,8 +103,18 @@ class GenerationControls:
 
     @property
     def inputs(self) -> list:
-        return [self.model, self.prompt, self.negative_prompt, self.seed, self.steps, self.guidance,
-                self.width, self.height, self.batch_size, self.scheduler]
+        return [
+            self.model,
+            self.prompt,
+            self.negative_prompt,
+            self.seed,
+            self.steps,
+            self.guidance,
+            self.width,
+            self.height,
+            self.batch_size,
+            self.scheduler,
+        ]
 
     def wire(self) -> None:
         import random
@@ -104,8 +123,13 @@ class GenerationControls:
 
 
 def generation_controls(batch: bool = True) -> GenerationControls:
-    model = gr.Dropdown(MODEL_CHOICES, value="embedded", allow_custom_value=True, label="model",
-                        info="the embedded model, a diffusers folder, a .safetensors file or a hub id")
+    model = gr.Dropdown(
+        MODEL_CHOICES,
+        value="embedded",
+        allow_custom_value=True,
+        label="model",
+        info="the embedded model, a diffusers folder, a .safetensors file or a hub id",
+    )
     prompt = gr.Textbox("a red circle on a blue background", label="prompt", lines=2)
     negative_prompt = gr.Textbox("", label="negative prompt")
     with gr.Row():
@@ -119,8 +143,9 @@ def generation_controls(batch: bool = True) -> GenerationControls:
         height = gr.Number(0, label="height (0: the model's)", precision=0, minimum=0)
         batch_size = gr.Slider(1, 16, value=1, step=1, label="batch size", visible=batch)
     scheduler = gr.Dropdown([DEFAULT_SCHEDULER, *SCHEDULERS], value=DEFAULT_SCHEDULER, label="scheduler")
-    return GenerationControls(model, prompt, negative_prompt, seed, random_seed, steps, guidance, width, height,
-                              batch_size, scheduler)
+    return GenerationControls(
+        model, prompt, negative_prompt, seed, random_seed, steps, guidance, width, height, batch_size, scheduler
+    )
 
 
 def request_from_values(values: list, batch_size: int | None = None):
@@ -129,8 +154,14 @@ def request_from_values(values: list, batch_size: int | None = None):
 
     _model, prompt, negative, seed, steps, guidance, width, height, batch, scheduler = values
     return GenerationRequest(
-        prompt=prompt, negative_prompt=negative or "", seed=int(seed or 0), steps=int(steps), guidance=float(guidance),
-        width=int(width) or None, height=int(height) or None, batch_size=batch_size or int(batch),
+        prompt=prompt,
+        negative_prompt=negative or "",
+        seed=int(seed or 0),
+        steps=int(steps),
+        guidance=float(guidance),
+        width=int(width) or None,
+        height=int(height) or None,
+        batch_size=batch_size or int(batch),
         scheduler=scheduler,
     )
 
@@ -154,6 +185,7 @@ def user_errors(handler: Callable) -> Callable:
         return gr.Error(f"{type(error).__name__}: {error} (details in the server log)")
 
     if inspect.isgeneratorfunction(handler):
+
         @functools.wraps(handler)
         def generator_wrapper(*args, **kwargs):
             try:
@@ -162,6 +194,7 @@ def user_errors(handler: Callable) -> Callable:
                 raise
             except Exception as error:
                 raise translate(error) from error
+
         return generator_wrapper
 
     @functools.wraps(handler)
@@ -172,4 +205,5 @@ def user_errors(handler: Callable) -> Callable:
             raise
         except Exception as error:
             raise translate(error) from error
+
     return wrapper

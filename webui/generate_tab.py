@@ -26,13 +26,19 @@ def build(registry: Registry, cache: PipelineCache) -> None:
             picker = plugin_picker(registry)
             generate = gr.Button("Generate", variant="primary")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="images (enlarged, nearest neighbour)", columns=2, height=560,
-                                 object_fit="contain", elem_id="generate-gallery")
+            gallery = gr.Gallery(
+                label="images (enlarged, nearest neighbour)",
+                columns=2,
+                height=560,
+                object_fit="contain",
+                elem_id="generate-gallery",
+            )
             files = gr.Files(label="PNG files with generation parameters")
             status = gr.Markdown()
             stats = gr.JSON(label="figures of the last run")
-            skipped = gr.Dataframe(headers=["layer", "reason"], label="layers kept in full precision",
-                                   interactive=False)
+            skipped = gr.Dataframe(
+                headers=["layer", "reason"], label="layers kept in full precision", interactive=False
+            )
 
     # events
     controls.wire()
@@ -41,16 +47,18 @@ def build(registry: Registry, cache: PipelineCache) -> None:
     @user_errors
     def on_generate(*values, progress=gr.Progress()):
         generation_values = values[: len(controls.inputs)]
-        plugin_id, *option_values = values[len(controls.inputs):]
+        plugin_id, *option_values = values[len(controls.inputs) :]
         plugin = registry.get(plugin_id)
         options = plugin.options_class.from_dict(picker.values(plugin_id, tuple(option_values)))
         request = request_from_values(list(generation_values))
         model = generation_values[0]
 
         yield gr.skip(), gr.skip(), f"loading {model} and applying {plugin.name}...", gr.skip(), gr.skip()
-        loaded, report = prepare(cache, model, plugin, options, progress=lambda f, what: progress(f, desc=what))
+        loaded, report = prepare(
+            cache, model, plugin, options, progress=lambda fraction, message: progress(fraction, desc=message)
+        )
         yield gr.skip(), gr.skip(), f"generating with {plugin.name}...", gr.skip(), gr.skip()
-        finished = run(loaded, report, request, progress=lambda f, what: progress(f, desc=what))
+        finished = run(loaded, report, request, progress=lambda fraction, message: progress(fraction, desc=message))
         saved = save_images(finished, output_folder(), ENLARGE_TO)
         yield (
             [str(display) for _, display in saved],
@@ -60,5 +68,9 @@ def build(registry: Registry, cache: PipelineCache) -> None:
             [list(row) for row in report.skipped],
         )
 
-    generate.click(on_generate, inputs=[*controls.inputs, *picker.inputs],
-                   outputs=[gallery, files, status, stats, skipped], api_name="generate")
+    generate.click(
+        on_generate,
+        inputs=[*controls.inputs, *picker.inputs],
+        outputs=[gallery, files, status, stats, skipped],
+        api_name="generate",
+    )

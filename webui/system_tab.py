@@ -16,8 +16,10 @@ def build(registry: Registry, app: gr.Blocks) -> None:
     def on_refresh():
         device_info, rows = system_rows(registry)
         columns = list(rows[0]) if rows else ["plugin"]
-        return ([[key, value] for key, value in device_info.items()],
-                {"headers": columns, "data": [[row[c] for c in columns] for row in rows]})
+        return (
+            [[key, value] for key, value in device_info.items()],
+            {"headers": columns, "data": [[row[c] for c in columns] for row in rows]},
+        )
 
     refresh.click(on_refresh, outputs=[device, plugins], api_name="system")
     app.load(on_refresh, outputs=[device, plugins])

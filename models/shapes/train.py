@@ -24,8 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
-from diffusers import UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -173,11 +178,15 @@ def evaluate(pipeline: StableDiffusionPipeline, count: int) -> float:
     pairs = grammar.adherence_prompts(count)
     prompts = [prompt for prompt, _ in pairs]
     generators = [torch.Generator().manual_seed(seed) for _, seed in pairs]
-    images = pipeline(prompts, num_inference_steps=20, guidance_scale=4.0, generator=generators, output_type="np").images
+    images = pipeline(
+        prompts, num_inference_steps=20, guidance_scale=4.0, generator=generators, output_type="np"
+    ).images
     return grammar.adherence([(image * 255).round().astype(np.uint8) for image in images], prompts)
 
 
-def train_denoiser(vae, tokenizer, steps: int, batch_size: int, seed: int, lr: float, out: Path, eval_every: int):
+def train_denoiser(
+    vae, tokenizer, steps: int, batch_size: int, seed: int, lr: float, out: Path, eval_every: int, eval_prompts: int
+):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     text_encoder, unet = build_text_encoder(tokenizer), build_unet()
@@ -226,8 +235,8 @@ def train_denoiser(vae, tokenizer, steps: int, batch_size: int, seed: int, lr: f
         if step % eval_every == 0 or step == steps:
             pipeline = assemble(vae, tokenizer, ema_text.eval(), ema_unet.eval())
             pipeline.set_progress_bar_config(disable=True)
-            score = evaluate(pipeline, 45)
-            logger.info("denoiser step %d adherence %.3f on 45 prompts", step, score)
+            score = evaluate(pipeline, eval_prompts)
+            logger.info("denoiser step %d adherence %.3f on %d prompts", step, score, eval_prompts)
             pipeline.save_pretrained(out, safe_serialization=True)
             ema_text.train(), ema_unet.train()
     return ema_text.eval(), ema_unet.eval()
@@ -260,6 +269,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per training step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the denoiser")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between adherence checks and saves")
+    parser.add_argument("--eval-prompts", type=int, default=45, help="prompts of each adherence check")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the noise")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     args = parser.parse_args()
@@ -272,12 +282,14 @@ def main() -> None:
     vae = train_vae(args.vae_steps, args.batch_size, args.seed)
     vae.register_to_config(scaling_factor=1.0 / latent_std(vae, args.seed))
     text_encoder, unet = train_denoiser(
-        vae, tokenizer, args.steps, args.batch_size, args.seed, args.lr, args.out, args.eval_every
+        vae, tokenizer, args.steps, args.batch_size, args.seed, args.lr, args.out, args.eval_every, args.eval_prompts
     )
     pipeline = assemble(vae, tokenizer, text_encoder, unet)
     pipeline.save_pretrained(args.out, safe_serialization=True)
     minutes = (time.perf_counter() - started) / 60
-    (args.out / "training.json").write_text(json.dumps({**vars(args), "out": str(args.out.name), "minutes": minutes}, indent=2))
+    (args.out / "training.json").write_text(
+        json.dumps({**vars(args), "out": str(args.out.name), "minutes": minutes}, indent=2)
+    )
     logger.info("saved the pipeline to %s after %.1f minutes", args.out, minutes)
 
 

@@ -23,13 +23,15 @@ class FullPrecision(Plugin):
     families = ("*",)
     options_class = FullOptions
 
-    def quantize(self, part: nn.Module, options: PluginOptions, progress: Progress | None = None
-                 ) -> tuple[nn.Module, QuantizeReport]:
+    def quantize(
+        self, part: nn.Module, options: PluginOptions, progress: Progress | None = None
+    ) -> tuple[nn.Module, QuantizeReport]:
         started = time.perf_counter()
         size = weight_bytes(part)
         bits = 8 * next(part.parameters()).element_size()
-        return part, QuantizeReport(self.id, options.to_dict(), 0, [], float(bits), size, size,
-                                    time.perf_counter() - started)
+        return part, QuantizeReport(
+            self.id, options.to_dict(), 0, [], float(bits), size, size, time.perf_counter() - started
+        )
 
 
 plugin = FullPrecision()

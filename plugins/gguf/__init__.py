@@ -48,8 +48,9 @@ class GGUFPlugin(Plugin):
     options_class = GGUFOptions
     file_suffix = ".gguf"
 
-    def quantize(self, part: nn.Module, options: GGUFOptions, progress: Progress | None = None
-                 ) -> tuple[nn.Module, QuantizeReport]:
+    def quantize(
+        self, part: nn.Module, options: GGUFOptions, progress: Progress | None = None
+    ) -> tuple[nn.Module, QuantizeReport]:
         """Quantize every linear and convolution weight of ``part`` in place."""
         started = time.perf_counter()
         total = sum(type(module) in QUANTIZABLE for module in part.modules())
@@ -75,14 +76,17 @@ class GGUFPlugin(Plugin):
         for name, module in part.named_modules():
             if isinstance(module, QuantizedLayer):
                 data = module.qweight.cpu().numpy().reshape(module.weight_shape[0], -1)
-                tensors.append(gguf_format.GGUFTensor(f"{name}.weight", module.weight_format.name,
-                                                      module.weight_shape, data))
+                tensors.append(
+                    gguf_format.GGUFTensor(f"{name}.weight", module.weight_format.name, module.weight_shape, data)
+                )
         for name, tensor in part.state_dict().items():
             if name.endswith(".qweight"):
                 continue
             dtype = FLOAT_NUMPY.get(tensor.dtype, np.float32)
             data = tensor.detach().float().cpu().numpy().astype(dtype)
-            tensors.append(gguf_format.GGUFTensor(name, "F32" if dtype is np.float32 else "F16", tuple(data.shape), data))
+            tensors.append(
+                gguf_format.GGUFTensor(name, "F32" if dtype is np.float32 else "F16", tuple(data.shape), data)
+            )
         config = dict(getattr(part, "config", {}))
         metadata = {
             "lowbit.plugin": self.id,
@@ -138,7 +142,9 @@ class GGUFPlugin(Plugin):
                     target.copy_(torch.from_numpy(np.array(tensor.data)).reshape(target.shape))
                 module = modules.get(tensor.name.removesuffix(".weight"))
                 if tensor.name.endswith(".weight") and type(module) in QUANTIZABLE:
-                    swap.skipped.append((tensor.name.removesuffix(".weight"), f"stored as {tensor.type_name} in the file"))
+                    swap.skipped.append(
+                        (tensor.name.removesuffix(".weight"), f"stored as {tensor.type_name} in the file")
+                    )
 
         missing = sorted(set(expected) - seen)
         if missing:

@@ -154,7 +154,9 @@ def pack(weight: torch.Tensor, qtype: str) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.quantize(rows, block_type(qtype).qtype))
 
 
-def unpack(qweight: torch.Tensor, qtype: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def unpack(
+    qweight: torch.Tensor, qtype: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Dequantize uint8 blocks [rows, row_bytes] into a ``dtype`` tensor of ``shape``.
 
     The dequantized values are computed in float32 and rounded to ``dtype`` once at the end.
