@@ -8,6 +8,7 @@ python launch.py plugins
 """
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -66,7 +67,9 @@ def _plugin_and_options(args, registry):
     return plugin, options_from_values(plugin, values)
 
 
+@contextlib.contextmanager
 def _progress_bar(description: str):
+    """Yield a ``(fraction, message)`` callback that drives a terminal progress bar, closed on exit."""
     from tqdm import tqdm
 
     bar = tqdm(total=100, desc=description, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
@@ -76,13 +79,16 @@ def _progress_bar(description: str):
         bar.set_postfix_str(message, refresh=False)
         bar.refresh()
 
-    return bar, update
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 def command_generate(args, registry) -> int:
     from plugins.studio import prepare, run
     from quant.pngmeta import save_png
-    from quant.runtime import GenerationRequest, PipelineCache
+    from quant.runtime import GenerationRequest, PipelineCache, resolve_source
 
     plugin, options = _plugin_and_options(args, registry)
     if args.gguf and plugin.id != "gguf":
@@ -104,13 +110,13 @@ def command_generate(args, registry) -> int:
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must name a .png file, got {args.out!r}")
 
+    resolve_source(args.model)  # a missing model folder fails here, before any progress bar
+
     cache = PipelineCache()
-    bar, update = _progress_bar("quantize")
-    loaded, report = prepare(cache, args.model, plugin, options, args.gguf, update)
-    bar.close()
-    bar, update = _progress_bar("generate")
-    finished = run(loaded, report, request, update)
-    bar.close()
+    with _progress_bar("load and quantize") as update:
+        loaded, report = prepare(cache, args.model, plugin, options, args.gguf, update)
+    with _progress_bar("generate") as update:
+        finished = run(loaded, report, request, update)
 
     paths = (
         [out]
@@ -127,7 +133,7 @@ def command_generate(args, registry) -> int:
 
 def command_quantize(args, registry) -> int:
     from plugins.studio import prepare
-    from quant.runtime import PipelineCache
+    from quant.runtime import PipelineCache, resolve_source
 
     plugin, options = _plugin_and_options(args, registry)
     if plugin.file_suffix is None:
@@ -138,9 +144,9 @@ def command_quantize(args, registry) -> int:
     out = Path(args.out)
     if out.suffix != plugin.file_suffix:
         raise UsageError(f"--out must end in {plugin.file_suffix} for plugin {plugin.id!r}, got {args.out!r}")
-    bar, update = _progress_bar("quantize")
-    loaded, report = prepare(PipelineCache(), args.model, plugin, options, None, update)
-    bar.close()
+    resolve_source(args.model)
+    with _progress_bar("load and quantize") as update:
+        loaded, report = prepare(PipelineCache(), args.model, plugin, options, None, update)
     plugin.save(loaded.denoiser, report, options, out)
     print(report.summary())
     print(f"saved: {out} ({out.stat().st_size / 1e6:.2f} MB)")
@@ -159,15 +165,21 @@ def command_plugins(args, registry) -> int:
     return 0
 
 
+def parse_auth(text: str) -> list[tuple[str, str]]:
+    """Parse A1111-style credentials: ``user:password``, several separated by commas."""
+    credentials = []
+    for pair in text.split(","):
+        user, separator, password = pair.strip().partition(":")
+        if not separator or not user or not password:
+            raise UsageError(f"--auth expects user:password, several separated by commas; got {pair.strip()!r}")
+        credentials.append((user, password))
+    return credentials
+
+
 def command_webui(args, registry) -> int:
     from webui.app import CSS, build_app
 
-    auth = None
-    if args.auth:
-        user, separator, password = args.auth.partition(":")
-        if not separator or not user or not password:
-            raise UsageError("--auth expects user:password")
-        auth = (user, password)
+    auth = parse_auth(args.auth) if args.auth else None
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     app = build_app(registry)
     app.queue(default_concurrency_limit=1).launch(
@@ -187,7 +199,7 @@ def build_parser(registry) -> argparse.ArgumentParser:
         default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
         help="port of the web UI (default 7860)",
     )
-    parser.add_argument("--auth", default=None, help="require a login, given as user:password")
+    parser.add_argument("--auth", default=None, help="require a login: user:password, several separated by commas")
     parser.add_argument("--verbose", action="store_true", help="log debug messages and full tracebacks")
     commands = parser.add_subparsers(dest="command")
 

@@ -3,10 +3,10 @@
     python -m bench.gguf_bench                 # both, writes bench/RESULTS.md
     python -m bench.gguf_bench --only embedded
 
-Every variant runs in a fresh process, so peak memory belongs to that variant alone. Columns:
+Every variant runs in a fresh process, so peak memory belongs to that variant alone. The columns are
 weight bytes resident (all pipeline components, or the UNet alone for SD1.5), bits per quantized
-weight, seconds per denoising step, peak process RSS, and on the embedded model the prompt adherence
-over the fixed 90-prompt set and PSNR / SSIM against full precision on the same seeds.
+weight, seconds per denoising step and peak process RSS. On the embedded model they add the prompt
+adherence over the fixed 90-prompt set, and PSNR and SSIM against full precision on the same seeds.
 """
 
 import argparse
@@ -25,6 +25,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("full", "Q8_0", "Q5_1", "Q4_0")
+# The embedded model also runs in bfloat16, to measure what that compute dtype costs in quality.
+EMBEDDED_VARIANTS = ("full", "full-bf16", *VARIANTS[1:])
 RESULTS = ROOT / "bench" / "RESULTS.md"
 
 
@@ -54,8 +56,8 @@ class PeakRSS:
 def _quantize(part: torch.nn.Module, variant: str):
     from plugins.gguf import GGUFOptions, plugin
 
-    if variant == "full":
-        return part, 32.0
+    if variant.startswith("full"):
+        return part, 8.0 * next(part.parameters()).element_size()
     part, report = plugin.quantize(part, GGUFOptions(qtype=variant))
     return part, report.bits_per_weight
 
@@ -65,7 +67,7 @@ def run_embedded(variant: str, out: Path) -> dict:
     from quant.layers import weight_bytes
     from quant.runtime import GenerationRequest, PipelineCache, generate, generate_many, pipeline_weight_bytes
 
-    loaded = PipelineCache().get(None, torch.float32)
+    loaded = PipelineCache().get(None, torch.bfloat16 if variant == "full-bf16" else torch.float32)
     loaded.pipeline.unet, bits = _quantize(loaded.pipeline.unet, variant)
 
     pairs = grammar.adherence_prompts()
@@ -138,7 +140,7 @@ def _quality(folder: Path) -> dict[str, tuple[float, float]]:
 
     reference = np.load(folder / "embedded-full.npy")
     scores = {}
-    for variant in VARIANTS:
+    for variant in EMBEDDED_VARIANTS:
         images = np.load(folder / f"embedded-{variant}.npy")
         scores[variant] = (
             statistics.mean(min(psnr(a, b), 99.0) for a, b in zip(reference, images)),
@@ -196,7 +198,8 @@ def main() -> None:
     models = [args.only] if args.only else ["embedded", "sd15"]
     sections = []
     for model in models:
-        rows = [_child(model, variant, args.work / f"{model}-{variant}.json") for variant in VARIANTS]
+        variants = EMBEDDED_VARIANTS if model == "embedded" else VARIANTS
+        rows = [_child(model, variant, args.work / f"{model}-{variant}.json") for variant in variants]
         quality = _quality(args.work) if model == "embedded" else None
         title = (
             "Embedded shapes model, 20 steps, guidance 4, 90 prompts"
@@ -212,7 +215,7 @@ def main() -> None:
     )
     header = (
         f"Measured with `python -m bench.gguf_bench` on {cpu}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, float32 compute, {time.strftime('%Y-%m-%d')}.\n"
+        f"{torch.__version__}, float32 compute unless the variant says bf16, {time.strftime('%Y-%m-%d')}.\n"
     )
     RESULTS.write_text("# GGUF benchmark\n\n" + header + "\n" + "\n".join(sections))
 

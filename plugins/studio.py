@@ -33,7 +33,7 @@ class Run:
     parameters: str  # the PNG ``parameters`` text
 
     def stats(self) -> dict[str, str]:
-        """The figures shown after each run, in display order."""
+        """Return the figures shown after each run, in display order."""
         result, report = self.result, self.report
         return {
             "method": report.plugin
@@ -81,7 +81,11 @@ def prepare(
     if plugin.id == "full" and not gguf_file:
         _, report = plugin.quantize(loaded.denoiser, options)
         return loaded, report
-    key = f"{plugin.id}:{gguf_file}" if gguf_file else f"{plugin.id}:{options.to_json()}"
+    if gguf_file:
+        # The file's modification time is part of the key, so a file rewritten in place is read again.
+        key = f"{plugin.id}:{Path(gguf_file).resolve()}:{Path(gguf_file).stat().st_mtime_ns}"
+    else:
+        key = f"{plugin.id}:{options.to_json()}"
     return cache.variant(loaded, key, quantize)
 
 
@@ -135,7 +139,7 @@ def compare(baseline: Run, quantized: Run) -> list[dict[str, str]]:
 
 
 def system_rows(registry: Registry) -> tuple[dict[str, str], list[dict[str, str]]]:
-    """The device probe's answers and every plugin with its availability, for the System tab and CLI."""
+    """Return the device probe's results and every plugin with its availability, for the System tab and CLI."""
     info = probe()
     device = {
         "device": f"{info.device} ({info.name})",

@@ -1,6 +1,6 @@
 """Quantized drop-in layers for ``nn.Linear`` and ``nn.Conv2d``, and the function that swaps them in.
 
-A quantized layer holds a packed weight (``qweight``, a uint8 buffer) and a ``WeightFormat`` that
+A quantized layer stores a packed weight (``qweight``, a uint8 buffer) and a ``WeightFormat`` that
 knows how to unpack it. Its forward pass is the reference path: dequantize the whole weight into the
 compute dtype, then run the ordinary matmul or convolution in that dtype, and return the result in
 the input's dtype.
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 class WeightFormat(Protocol):
-    """How one packed weight is unpacked; implemented by each storage format."""
+    """Unpacking rule of one storage format, implemented by each format."""
 
     name: str
 
@@ -96,7 +96,7 @@ QUANTIZABLE = {nn.Linear: QuantizedLinear, nn.Conv2d: QuantizedConv2d}
 
 @dataclass
 class SwapReport:
-    """What ``swap_layers`` did: every layer quantized or skipped, and the bytes before and after."""
+    """Outcome of ``swap_layers``: every layer quantized or skipped, and the bytes before and after."""
 
     quantized: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)

@@ -84,11 +84,23 @@ class LoadedModel:
         return self.source == EMBEDDED
 
 
+# UNet widths that tell SD1.x (768-wide text conditioning) and SDXL (2048) apart from other UNets.
+SD_UNET_WIDTHS = {(320, 640, 1280, 1280): {768: "sd1"}, (320, 640, 1280): {2048: "sdxl"}}
+
+
 def _family(pipeline: DiffusionPipeline, source: str) -> str:
+    """Name the model family ("shapes", "sd1", "sdxl", "flux"), or the pipeline class for others."""
     if source == EMBEDDED:
         return "shapes"
-    names = {"StableDiffusionPipeline": "sd1", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
-    return names.get(type(pipeline).__name__, type(pipeline).__name__)
+    if type(pipeline).__name__ == "FluxPipeline":
+        return "flux"
+    unet = getattr(pipeline, "unet", None)
+    if unet is not None:
+        widths = SD_UNET_WIDTHS.get(tuple(unet.config.block_out_channels), {})
+        family = widths.get(unet.config.cross_attention_dim)
+        if family:
+            return family
+    return type(pipeline).__name__
 
 
 def _single_file_pipeline(path: Path) -> type[DiffusionPipeline]:
@@ -188,6 +200,8 @@ def pipeline_weight_bytes(pipeline: DiffusionPipeline) -> int:
 def with_denoiser(loaded: LoadedModel, denoiser: torch.nn.Module) -> LoadedModel:
     """Return a model that shares every component of ``loaded`` except the UNet or transformer."""
     components = {**loaded.pipeline.components, loaded.denoiser_name: denoiser}
+    if "requires_safety_checker" in loaded.pipeline.config:
+        components["requires_safety_checker"] = loaded.pipeline.config.requires_safety_checker
     pipeline = type(loaded.pipeline)(**components)
     pipeline.set_progress_bar_config(disable=True)
     return LoadedModel(
@@ -322,7 +336,11 @@ class _PeakMemory:
 def _scheduler(loaded: LoadedModel, name: str):
     if name == DEFAULT_SCHEDULER:
         return loaded.default_scheduler
-    return SCHEDULERS[name].from_config(loaded.default_scheduler.config)
+    config = loaded.default_scheduler.config
+    if name == "DDIM" and "clip_sample" not in config:
+        # DDIM clips x0 to [-1, 1] by default, which is right for pixels but ruins latents.
+        return DDIMScheduler.from_config(config, clip_sample=False)
+    return SCHEDULERS[name].from_config(config)
 
 
 @torch.inference_mode()

@@ -64,6 +64,7 @@ class PluginPicker:
             lambda chosen: [gr.update(visible=pid == chosen) for pid in ids],
             inputs=self.dropdown,
             outputs=list(self.groups.values()),
+            api_visibility="private",
         )
 
 
@@ -119,7 +120,7 @@ class GenerationControls:
     def wire(self) -> None:
         import random
 
-        self.random_seed.click(lambda: random.randrange(2**31), outputs=self.seed)
+        self.random_seed.click(lambda: random.randrange(2**31), outputs=self.seed, api_visibility="private")
 
 
 def generation_controls(batch: bool = True) -> GenerationControls:

@@ -1,4 +1,4 @@
-"""System tab: the device probe's answers and every plugin with its availability and reason."""
+"""System tab: the device probe's results and every plugin with its availability and reason."""
 
 import gradio as gr
 
@@ -22,4 +22,4 @@ def build(registry: Registry, app: gr.Blocks) -> None:
         )
 
     refresh.click(on_refresh, outputs=[device, plugins], api_name="system")
-    app.load(on_refresh, outputs=[device, plugins])
+    app.load(on_refresh, outputs=[device, plugins], api_visibility="private")

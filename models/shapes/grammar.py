@@ -30,10 +30,18 @@ MAX_HALF_SIZE = 11
 # Pixels kept free between the shape and the image edge, so the border shows only background.
 MARGIN = 3
 
-# Fill ratio (shape area / bounding-box area): triangle 0.5, circle pi/4 = 0.785, square 1.0.
-# The thresholds sit halfway between them.
-TRIANGLE_MAX_FILL = 0.64
-CIRCLE_MAX_FILL = 0.89
+# Shapes are told apart by their mean row width, as a share of the bounding-box width, in a band
+# near the top (10-25% of the height) and one near the bottom (75-90%). Ideal values:
+#   triangle (apex up)  top 0.175, bottom 0.825
+#   circle              top 0.75,  bottom 0.75
+#   square              top 1.0,   bottom 1.0
+# A triangle's top is under half its bottom; otherwise a mean of both bands of at least 0.875,
+# halfway between circle and square, is a square. Unlike the fill ratio (area over box area), these
+# widths barely move when a generated square comes out with rounded corners.
+TOP_BAND = (0.10, 0.25)
+BOTTOM_BAND = (0.75, 0.90)
+TRIANGLE_MAX_TOP_TO_BOTTOM = 0.5
+SQUARE_MIN_WIDTH = 0.875
 # A detected object smaller than this many pixels counts as no object at all.
 MIN_OBJECT_PIXELS = 12
 
@@ -139,26 +147,34 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best_label
 
 
+def _band_width(mask: np.ndarray, band: tuple[float, float]) -> float:
+    """Mean row width of the mask inside a horizontal band of its bounding box, as a share of the box width."""
+    rows, cols = np.nonzero(mask)
+    top, height = rows.min(), rows.max() - rows.min() + 1
+    left, width = cols.min(), cols.max() - cols.min() + 1
+    first = top + int(np.floor(band[0] * height))
+    last = max(top + int(np.ceil(band[1] * height)), first + 1)
+    return float(mask[first:last, left : left + width].sum(axis=1).mean() / width)
+
+
 def classify_shape(mask: np.ndarray) -> str | None:
-    """Name the shape of a boolean object mask by its fill ratio, or None if it is too small."""
+    """Name the shape of a boolean object mask by its row-width profile, or None if it is too small."""
     if mask.sum() < MIN_OBJECT_PIXELS:
         return None
-    rows, cols = np.nonzero(mask)
-    box_area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill = mask.sum() / box_area
-    if fill < TRIANGLE_MAX_FILL:
+    top, bottom = _band_width(mask, TOP_BAND), _band_width(mask, BOTTOM_BAND)
+    if top < TRIANGLE_MAX_TOP_TO_BOTTOM * bottom:
         return "triangle"
-    if fill < CIRCLE_MAX_FILL:
-        return "circle"
-    return "square"
+    if (top + bottom) / 2 >= SQUARE_MIN_WIDTH:
+        return "square"
+    return "circle"
 
 
 def read_scene(image: np.ndarray) -> Scene:
     """Read an image back into the scene it shows.
 
     The background is the commonest palette colour on the one-pixel border, the object is the
-    largest connected region of the commonest other colour, and its shape follows from its fill
-    ratio. Attributes that cannot be read are returned as empty strings.
+    largest connected region of the commonest other colour, and its shape follows from its
+    row-width profile. Attributes that cannot be read are returned as empty strings.
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB image of shape [height, width, 3], got {image.shape}")

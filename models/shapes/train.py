@@ -9,8 +9,9 @@ Two stages, both on procedurally generated data (``models.shapes.grammar``), wit
    together, with 10% caption dropout for classifier-free guidance, min-SNR loss weighting and an
    exponential moving average of the weights.
 
-The tokenizer is a CLIP byte-level BPE whose merges make each word of the grammar one token;
-other words still encode, byte by byte.
+The tokenizer is a CLIP byte-level BPE whose merges make each word of the grammar one token, except
+"green": BPE applies merges by rank, and the earlier "r e" merge (from "red") splits it into four
+tokens. The model learns it all the same. Words outside the grammar encode byte by byte.
 """
 
 import argparse
@@ -50,7 +51,7 @@ TRAIN_TIMESTEPS = 1000
 
 
 def build_tokenizer() -> CLIPTokenizer:
-    """Build a CLIP BPE tokenizer with one token per word of the caption grammar."""
+    """Build the CLIP BPE tokenizer of the caption grammar (one token per word, but four for "green")."""
     chars = sorted(ByteLevel.alphabet())
     vocab_list = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
@@ -185,7 +186,15 @@ def evaluate(pipeline: StableDiffusionPipeline, count: int) -> float:
 
 
 def train_denoiser(
-    vae, tokenizer, steps: int, batch_size: int, seed: int, lr: float, out: Path, eval_every: int, eval_prompts: int
+    vae,
+    tokenizer,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    lr: float,
+    out: Path,
+    eval_every: int,
+    eval_prompts: int,
 ):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
@@ -193,7 +202,7 @@ def train_denoiser(
     scheduler = build_train_scheduler()
     parameters = list(text_encoder.parameters()) + list(unet.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
-    warmup = min(200, steps // 10)
+    warmup = max(1, min(200, steps // 10))
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
@@ -246,8 +255,12 @@ def train_denoiser(
 
 
 def assemble(vae, tokenizer, text_encoder, unet) -> StableDiffusionPipeline:
+    # "leading" spacing starts sampling at t = 951 for 20 steps. The cosine schedule leaves almost no
+    # signal at t = 999 (alphas_cumprod 2.4e-9), where turning a predicted epsilon into x0 divides by
+    # sqrt(2.4e-9): sampling from there ("trailing") scored 0.10 adherence against 0.43 for "leading"
+    # on the same checkpoint after 750 steps.
     scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing"
+        num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2", timestep_spacing="leading"
     )
     return StableDiffusionPipeline(
         vae=vae,
@@ -282,13 +295,21 @@ def main() -> None:
     vae = train_vae(args.vae_steps, args.batch_size, args.seed)
     vae.register_to_config(scaling_factor=1.0 / latent_std(vae, args.seed))
     text_encoder, unet = train_denoiser(
-        vae, tokenizer, args.steps, args.batch_size, args.seed, args.lr, args.out, args.eval_every, args.eval_prompts
+        vae,
+        tokenizer,
+        args.steps,
+        args.batch_size,
+        args.seed,
+        args.lr,
+        args.out,
+        args.eval_every,
+        args.eval_prompts,
     )
     pipeline = assemble(vae, tokenizer, text_encoder, unet)
     pipeline.save_pretrained(args.out, safe_serialization=True)
     minutes = (time.perf_counter() - started) / 60
     (args.out / "training.json").write_text(
-        json.dumps({**vars(args), "out": str(args.out.name), "minutes": minutes}, indent=2)
+        json.dumps({**vars(args), "out": args.out.name, "minutes": minutes}, indent=2, default=str)
     )
     logger.info("saved the pipeline to %s after %.1f minutes", args.out, minutes)
 

@@ -2,7 +2,7 @@
 
 Quantization uses the ``gguf`` package (llama.cpp's own Python port of ggml's reference
 quantizers), so the blocks we write are the blocks ggml defines. Dequantization is written here in
-PyTorch so it runs on any device and in any compute dtype; in float32 it equals
+PyTorch, so it runs on any device and in any compute dtype. In float32 it equals
 ``gguf.quants.dequantize`` bit for bit, which the tests check.
 
 Block layouts (``d`` and ``m`` are float16, ``qs`` packs 4-bit values, low nibbles holding values

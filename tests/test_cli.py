@@ -1,0 +1,124 @@
+"""The command line as a user runs it: exit codes, one-line errors, and a real generation."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quant.pngmeta import read_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _launch(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--plugin", "nope"], "error: unknown plugin 'nope'; available: full, gguf"),
+        (["--width", "30"], "error: width must be a multiple of 8 between 8 and 4096, got 30"),
+        (["--model", "no/such/folder"], "error: model folder or file not found: 'no/such/folder'"),
+        (["--plugin", "gguf", "--qtype", "Q9_9"], "error: qtype must be one of"),
+        (["--plugin", "full", "--qtype", "Q4_0"], "error: --qtype does not apply to plugin 'full'"),
+        (["--plugin", "gguf", "--gguf", "missing.gguf"], "error: GGUF file not found: missing.gguf"),
+        (["--out", "image.jpg"], "error: --out must name a .png file"),
+    ],
+)
+def test_generate_bad_input(args, message, tmp_path):
+    result = _launch("generate", "--prompt", "a red circle on a blue background", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert _error_line(result).startswith(message)
+
+
+def test_unreadable_gguf(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 7)
+    result = _launch(
+        "generate",
+        "--prompt",
+        "a red circle on a blue background",
+        "--plugin",
+        "gguf",
+        "--gguf",
+        str(broken),
+        "--out",
+        str(tmp_path / "a.png"),
+    )
+    assert result.returncode == 2
+    assert _error_line(result).startswith(f"error: {broken} is not a readable GGUF file")
+
+
+def test_plugins_lists_availability():
+    result = _launch("plugins")
+    assert result.returncode == 0
+    assert "compute dtype:" in result.stdout
+    assert "gguf       yes  GGUF: available" in result.stdout
+
+
+def test_generate_quantize_and_load_gguf(tmp_path):
+    out = tmp_path / "q4.png"
+    result = _launch(
+        "generate",
+        "--prompt",
+        "a red circle on a blue background",
+        "--plugin",
+        "gguf",
+        "--qtype",
+        "Q4_0",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "bits per weight (quantized layers): 4.50" in result.stdout
+    parameters = read_parameters(out)
+    assert parameters.startswith("a red circle on a blue background\nSteps: 20, Sampler: model default")
+    assert 'Quantization: gguf, Quantization options: {"keep": [], "qtype": "Q4_0", "version": 1}' in parameters
+
+    gguf_file = tmp_path / "unet.gguf"
+    result = _launch("quantize", "--plugin", "gguf", "--qtype", "Q4_0", "--out", str(gguf_file))
+    assert result.returncode == 0, result.stderr
+    assert gguf_file.is_file()
+
+    from_file = tmp_path / "from_file.png"
+    result = _launch(
+        "generate",
+        "--prompt",
+        "a red circle on a blue background",
+        "--plugin",
+        "gguf",
+        "--gguf",
+        str(gguf_file),
+        "--out",
+        str(from_file),
+    )
+    assert result.returncode == 0, result.stderr
+    assert from_file.read_bytes() != b""
+    from PIL import Image
+
+    assert list(Image.open(from_file).getdata()) == list(Image.open(out).getdata())
+
+
+def test_auth_without_password_rejected():
+    result = _launch("--auth", "ada")
+    assert result.returncode == 2
+    assert _error_line(result) == "error: --auth expects user:password, several separated by commas; got 'ada'"
+
+
+def test_auth_accepts_several_logins():
+    sys.path.insert(0, str(ROOT))
+    from launch import parse_auth
+
+    assert parse_auth("ada:lovelace, alan:turing") == [("ada", "lovelace"), ("alan", "turing")]

@@ -1,0 +1,111 @@
+"""The web UI through its HTTP API, with the app launched on loopback as a user would start it."""
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+from quant.pngmeta import read_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a red circle on a blue background"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for(url: str, server: subprocess.Popen, auth=None, timeout: float = 120) -> Client:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"server exited with {server.returncode}: {server.stderr.read()}")
+        try:
+            return Client(url, auth=auth, verbose=False)
+        except Exception:  # not listening yet
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    outputs = tmp_path_factory.mktemp("outputs")
+    env = {"LOWBIT_OUTPUT_DIR": str(outputs), "PATH": "/usr/bin:/bin", "HOME": str(outputs)}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--auth", "ada:lovelace"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    client = _wait_for(url, process, auth=("ada", "lovelace"))
+    yield url, client
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _generation_values(plugin: str, qtype: str = "Q4_0", width: int = 0) -> list:
+    # model, prompt, negative prompt, seed, steps, guidance, width, height, batch, scheduler,
+    # plugin, then the option fields of every plugin in registry order (gguf: qtype, keep)
+    return ["embedded", PROMPT, "", 0, 20, 4.0, width, 0, 2, "model default", plugin, qtype, ""]
+
+
+def test_login_required(server):
+    url, _ = server
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(url, auth=("ada", "wrong"), verbose=False)
+
+
+def test_generate_gguf_q4_0(server):
+    _, client = server
+    gallery, files, status, stats, skipped = client.predict(*_generation_values("gguf"), api_name="/generate")
+    assert len(gallery) == 2
+    assert len(files) == 2
+    assert status.startswith("done: gguf:")
+    assert stats["method"] == "gguf Q4_0"
+    assert stats["bits per weight (quantized layers)"] == "4.50"
+    assert int(stats["layers kept in full precision"]) == len(skipped["data"])
+    assert any("not a multiple of the 32-value block" in row[1] for row in skipped["data"])
+    parameters = read_parameters(files[0])
+    assert parameters.startswith(PROMPT)
+    assert '"qtype": "Q4_0"' in parameters
+
+
+def test_generate_bad_size_reports_error_and_server_survives(server):
+    _, client = server
+    with pytest.raises(Exception, match="width must be a multiple of 8"):
+        client.predict(*_generation_values("full", width=30), api_name="/generate")
+    gallery, *_ = client.predict(*_generation_values("full"), api_name="/generate")
+    assert len(gallery) == 2
+
+
+def test_compare_full_against_q8_0(server):
+    _, client = server
+    values = _generation_values("gguf", qtype="Q8_0")
+    values[8] = 1
+    baseline, quantized, status, table = client.predict(*values, api_name="/compare")
+    assert Path(baseline).is_file()
+    assert Path(quantized).is_file()
+    rows = {row[0]: dict(zip(table["headers"], row)) for row in table["data"]}
+    assert set(rows) == {"full precision", "quantized"}
+    assert float(rows["quantized"]["PSNR (dB)"]) > 25
+    assert 0 < float(rows["quantized"]["SSIM"]) <= 1
+    assert rows["full precision"]["adherence"] in ("0.00", "1.00")
+
+
+def test_system_lists_plugins(server):
+    _, client = server
+    device, plugins = client.predict(api_name="/system")
+    properties = dict(device["data"])
+    assert properties["device"].startswith("cpu")
+    ids = {row[0]: row for row in plugins["data"]}
+    assert ids["gguf"][2] == "yes"
