@@ -217,7 +217,11 @@ def main() -> None:
         f"Measured with `python -m bench.gguf_bench` on {cpu}, {os.cpu_count()} cores, torch "
         f"{torch.__version__}, float32 compute unless the variant says bf16, {time.strftime('%Y-%m-%d')}.\n"
     )
-    RESULTS.write_text("# GGUF benchmark\n\n" + header + "\n" + "\n".join(sections))
+    # The hand-written "## Notes" section of the previous results is kept below the new tables.
+    notes = ""
+    if RESULTS.is_file() and "\n## Notes" in RESULTS.read_text():
+        notes = "\n## Notes" + RESULTS.read_text().split("\n## Notes", 1)[1]
+    RESULTS.write_text("# GGUF benchmark\n\n" + header + "\n" + "\n".join(sections) + notes)
 
 
 if __name__ == "__main__":
