@@ -67,6 +67,13 @@ def _plugin_and_options(args, registry):
     return plugin, options_from_values(plugin, values)
 
 
+def _dtype(name: str | None):
+    """Resolve --dtype against what the device supports; None keeps the device probe's choice."""
+    from quant.device import probe, resolve_dtype
+
+    return resolve_dtype(name, probe()) if name else None
+
+
 @contextlib.contextmanager
 def _progress_bar(description: str):
     """Yield a ``(fraction, message)`` callback that drives a terminal progress bar, closed on exit."""
@@ -95,6 +102,8 @@ def command_generate(args, registry) -> int:
         raise UsageError("--gguf needs --plugin gguf")
     if args.gguf and not Path(args.gguf).is_file():
         raise UsageError(f"GGUF file not found: {args.gguf}")
+    if args.gguf and getattr(args, "option_qtype", None) is not None:
+        raise UsageError("--qtype does not apply with --gguf: the file sets the type of every tensor")
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -111,10 +120,11 @@ def command_generate(args, registry) -> int:
         raise UsageError(f"--out must name a .png file, got {args.out!r}")
 
     resolve_source(args.model)  # a missing model folder fails here, before any progress bar
+    dtype = _dtype(args.dtype)
 
     cache = PipelineCache()
     with _progress_bar("load and quantize") as update:
-        loaded, report = prepare(cache, args.model, plugin, options, args.gguf, update)
+        loaded, report = prepare(cache, args.model, plugin, options, args.gguf, update, dtype)
     with _progress_bar("generate") as update:
         finished = run(loaded, report, request, update)
 
@@ -145,8 +155,9 @@ def command_quantize(args, registry) -> int:
     if out.suffix != plugin.file_suffix:
         raise UsageError(f"--out must end in {plugin.file_suffix} for plugin {plugin.id!r}, got {args.out!r}")
     resolve_source(args.model)
+    dtype = _dtype(args.dtype)
     with _progress_bar("load and quantize") as update:
-        loaded, report = prepare(PipelineCache(), args.model, plugin, options, None, update)
+        loaded, report = prepare(PipelineCache(), args.model, plugin, options, None, update, dtype)
     plugin.save(loaded.denoiser, report, options, out)
     print(report.summary())
     print(f"saved: {out} ({out.stat().st_size / 1e6:.2f} MB)")
@@ -221,6 +232,12 @@ def build_parser(registry) -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=1, help="images per run")
     generate.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=[DEFAULT_SCHEDULER, *SCHEDULERS])
     generate.add_argument("--out", default="image.png", help="output PNG path; a batch adds -0, -1, ...")
+    generate.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default: the device probe's choice, shown by `launch.py plugins`)",
+    )
     _add_plugin_options(generate, registry)
 
     quantize = commands.add_parser("quantize", help="quantize a model's UNet or transformer and save the artefact")
@@ -229,6 +246,12 @@ def build_parser(registry) -> argparse.ArgumentParser:
     )
     quantize.add_argument("--plugin", required=True, help="quantization plugin id")
     quantize.add_argument("--out", required=True, help="output file")
+    quantize.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default: the device probe's choice, shown by `launch.py plugins`)",
+    )
     _add_plugin_options(quantize, registry)
 
     commands.add_parser("plugins", help="list plugins and whether they can run here")

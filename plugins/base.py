@@ -11,7 +11,6 @@ are all generated from it. Hooks, in the order they run:
 
 import dataclasses
 import json
-import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -125,6 +124,8 @@ class QuantizeReport:
         )
 
     def summary(self) -> str:
+        if self.plugin == "full":
+            return f"full precision: {self.bytes_before / 1e6:.2f} MB of weights, nothing quantized"
         return (
             f"{self.plugin}: {self.layers_quantized} layers quantized at {self.bits_per_weight:.2f} bits per weight "
             f"({self.bytes_before / 1e6:.2f} MB -> {self.bytes_after / 1e6:.2f} MB), "
@@ -170,8 +171,3 @@ class Plugin(ABC):
 def field_specs(options_class: type[PluginOptions]) -> list[dataclasses.Field]:
     """The user-facing fields of an options class (the version field is internal)."""
     return [spec for spec in dataclasses.fields(options_class) if spec.name != "version"]
-
-
-def is_tuple_field(options_class: type[PluginOptions], name: str) -> bool:
-    hint = typing.get_type_hints(options_class)[name]
-    return typing.get_origin(hint) in (tuple, types.GenericAlias) or hint is tuple

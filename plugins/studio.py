@@ -10,13 +10,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from plugins.base import Plugin, PluginOptions, QuantizeReport
 from plugins.registry import Registry
 from quant import metrics
 from quant.device import probe
-from quant.runtime import GenerationRequest, GenerationResult, LoadedModel, PipelineCache, generate, with_denoiser
+from quant.runtime import (
+    SCHEDULERS,
+    GenerationRequest,
+    GenerationResult,
+    LoadedModel,
+    PipelineCache,
+    generate,
+    with_denoiser,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +63,13 @@ def prepare(
     options: PluginOptions,
     gguf_file: str | None = None,
     progress: Progress | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[LoadedModel, QuantizeReport]:
-    """Load ``model`` and apply ``plugin`` to its UNet or transformer (or load ``gguf_file`` into it)."""
-    loaded = cache.get(model)
+    """Load ``model`` and apply ``plugin`` to its UNet or transformer (or load ``gguf_file`` into it).
+
+    ``dtype`` is the compute dtype; None takes the device probe's choice.
+    """
+    loaded = cache.get(model, dtype)
     ok, reason = plugin.available()
     if not ok:
         raise RuntimeError(f"plugin {plugin.id!r} is not available on this machine: {reason}")
@@ -67,7 +80,7 @@ def prepare(
 
     def layer_progress(done: int, total: int, name: str) -> None:
         if progress is not None:
-            progress(done / max(total, 1), f"quantizing {name}")
+            progress(done / max(total, 1), f"layer {done}/{total}: {name}")
 
     def quantize(base: LoadedModel) -> tuple[LoadedModel, QuantizeReport]:
         denoiser = copy.deepcopy(base.denoiser)
@@ -108,7 +121,7 @@ def parameters(
     width, height = result.images[0].size
     settings = {
         "Steps": request.steps,
-        "Sampler": request.scheduler,
+        "Sampler": _scheduler_name(loaded),
         "CFG scale": request.guidance,
         "Seed": request.seed,
         "Size": f"{width}x{height}",
@@ -118,6 +131,13 @@ def parameters(
         "Quantization options": report.options,
     }
     return parameters_text(request.prompt, request.negative_prompt, settings)
+
+
+def _scheduler_name(loaded: LoadedModel) -> str:
+    """Name the scheduler that ran, as the Sampler field of A1111's parameters does."""
+    names = {scheduler_class: name for name, scheduler_class in SCHEDULERS.items()}
+    scheduler_class = type(loaded.pipeline.scheduler)
+    return names.get(scheduler_class, scheduler_class.__name__)
 
 
 def compare(baseline: Run, quantized: Run) -> list[dict[str, str]]:

@@ -41,9 +41,6 @@ class DeviceInfo:
     cpu_flags: tuple[str, ...] = ()
     engines: dict[str, str] = field(default_factory=dict)
 
-    def engine_available(self, engine: str) -> bool:
-        return self.engines.get(engine) == "available"
-
 
 def _cpu_flags() -> tuple[str, ...]:
     """Return the CPU feature flags that matter for bfloat16 matmuls (Linux only)."""

@@ -51,8 +51,8 @@ def ssim(reference, image) -> float:
     """Structural similarity (mean SSIM over the image and its channels) between two 8-bit images."""
     a, b = to_array(reference), to_array(image)
     _check_pair(a, b)
-    x = torch.from_numpy(a).permute(2, 0, 1)[None].double()
-    y = torch.from_numpy(b).permute(2, 0, 1)[None].double()
+    x = torch.from_numpy(np.array(a)).permute(2, 0, 1)[None].double()
+    y = torch.from_numpy(np.array(b)).permute(2, 0, 1)[None].double()
     channels = x.shape[1]
     window = _gaussian_window(channels)
     padding = SSIM_WINDOW // 2

@@ -48,6 +48,7 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(png_bytes(image, parameters))
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600 files
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

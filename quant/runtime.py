@@ -32,7 +32,7 @@ from diffusers import (
 from PIL import Image
 
 from models.shapes import MODEL_DIR
-from quant.device import probe
+from quant.device import probe, resolve_dtype
 from quant.layers import weight_bytes
 
 logger = logging.getLogger(__name__)
@@ -150,19 +150,19 @@ def load_pipeline(
 ) -> LoadedModel:
     """Load a pipeline from any supported source onto ``device`` in ``dtype``."""
     info = probe(device)
-    dtype = dtype or getattr(torch, info.compute_dtype)
+    dtype = dtype or resolve_dtype(None, info)
     kind, source = resolve_source(source)
     started = time.perf_counter()
     if kind == EMBEDDED:
         if not (MODEL_DIR / "model_index.json").is_file():
             raise ModelLoadError(f"the embedded model is missing from {MODEL_DIR}; reinstall or retrain it")
-        pipeline = DiffusionPipeline.from_pretrained(MODEL_DIR, torch_dtype=dtype)
+        pipeline = DiffusionPipeline.from_pretrained(MODEL_DIR, dtype=dtype)
     elif kind == "folder":
-        pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype)
     elif kind == "single_file":
         pipeline_class = _single_file_pipeline(Path(source))
         try:
-            pipeline = pipeline_class.from_single_file(source, torch_dtype=dtype)
+            pipeline = pipeline_class.from_single_file(source, dtype=dtype)
         except OSError as error:
             raise ModelLoadError(
                 f"could not load {Path(source).name} as {pipeline_class.__name__}: diffusers needs the pipeline's "
@@ -171,7 +171,7 @@ def load_pipeline(
             ) from error
     else:
         try:
-            pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+            pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype)
         except OSError as error:
             raise ModelLoadError(
                 f"could not load {source!r} from the Hugging Face hub: it is not in the local cache and the hub "

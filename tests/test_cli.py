@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from quant.pngmeta import read_parameters
 
@@ -33,9 +34,11 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
         (["--plugin", "full", "--qtype", "Q4_0"], "error: --qtype does not apply to plugin 'full'"),
         (["--plugin", "gguf", "--gguf", "missing.gguf"], "error: GGUF file not found: missing.gguf"),
         (["--out", "image.jpg"], "error: --out must name a .png file"),
+        (["--plugin", "gguf", "--gguf", "unet.gguf", "--qtype", "Q8_0"], "error: --qtype does not apply with --gguf"),
     ],
 )
 def test_generate_bad_input(args, message, tmp_path):
+    (tmp_path / "unet.gguf").write_bytes(b"GGUF")
     result = _launch("generate", "--prompt", "a red circle on a blue background", *args, cwd=tmp_path)
     assert result.returncode == 2
     assert _error_line(result).startswith(message)
@@ -84,7 +87,9 @@ def test_generate_quantize_and_load_gguf(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "bits per weight (quantized layers): 4.50" in result.stdout
     parameters = read_parameters(out)
-    assert parameters.startswith("a red circle on a blue background\nSteps: 20, Sampler: model default")
+    assert parameters.startswith(
+        "a red circle on a blue background\nSteps: 20, Sampler: DPM++ 2M, CFG scale: 4.0, Seed: 0, Size: 32x32"
+    )
     assert 'Quantization: gguf, Quantization options: {"keep": [], "qtype": "Q4_0", "version": 1}' in parameters
 
     gguf_file = tmp_path / "unet.gguf"
@@ -122,3 +127,18 @@ def test_auth_accepts_several_logins():
     from launch import parse_auth
 
     assert parse_auth("ada:lovelace, alan:turing") == [("ada", "lovelace"), ("alan", "turing")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="float16 is usable on a CUDA GPU")
+def test_float16_rejected_on_cpu(tmp_path):
+    result = _launch(
+        "generate",
+        "--prompt",
+        "a red circle on a blue background",
+        "--dtype",
+        "float16",
+        "--out",
+        str(tmp_path / "a.png"),
+    )
+    assert result.returncode == 2
+    assert _error_line(result) == "error: compute dtype 'float16' is not usable on cpu; usable: float32, bfloat16"

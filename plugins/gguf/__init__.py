@@ -87,7 +87,8 @@ class GGUFPlugin(Plugin):
             tensors.append(
                 gguf_format.GGUFTensor(name, "F32" if dtype is np.float32 else "F16", tuple(data.shape), data)
             )
-        config = dict(getattr(part, "config", {}))
+        # _name_or_path is where the model was loaded from on this machine, not part of the model.
+        config = {key: value for key, value in dict(getattr(part, "config", {})).items() if key != "_name_or_path"}
         metadata = {
             "lowbit.plugin": self.id,
             "lowbit.options": options.to_json(),

@@ -206,6 +206,7 @@ def write_file(path: Path, architecture: str, tensors: list[GGUFTensor], metadat
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600 files
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -215,11 +216,6 @@ def write_file(path: Path, architecture: str, tensors: list[GGUFTensor], metadat
 
 class GGUFFileError(ValueError):
     """A GGUF file that cannot be read or does not fit what it is loaded into."""
-
-
-def _field_value(field: gguf.ReaderField):
-    value = field.contents()
-    return value
 
 
 def read_file(path: Path) -> tuple[dict[str, object], list[GGUFTensor]]:
@@ -232,7 +228,7 @@ def read_file(path: Path) -> tuple[dict[str, object], list[GGUFTensor]]:
     except (ValueError, OSError, IndexError) as error:
         raise GGUFFileError(f"{path} is not a readable GGUF file: {error}") from error
 
-    metadata = {name: _field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    metadata = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     tensors = []
     for tensor in reader.tensors:
         type_name = tensor.tensor_type.name
