@@ -124,6 +124,12 @@ def swap_layers(
     """
     report = SwapReport()
     targets = [(name, module) for name, module in model.named_modules() if type(module) in QUANTIZABLE]
+    for pattern in keep:
+        if not any(fnmatch(name, pattern) for name, _ in targets):
+            examples = ", ".join(name for name, _ in targets[:3])
+            raise ValueError(
+                f"keep pattern {pattern!r} matches no linear or convolution layer (names look like: {examples})"
+            )
     for name, module in targets:
         matched = next((pattern for pattern in keep if fnmatch(name, pattern)), None)
         if matched:

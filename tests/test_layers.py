@@ -39,6 +39,11 @@ def test_swap_reports_quantized_and_skipped():
     assert report.bits_per_weight == pytest.approx(8.5)
 
 
+def test_keep_pattern_must_match():
+    with pytest.raises(ValueError, match="keep pattern 'conv_in' matches no linear or convolution layer"):
+        swap_layers(_model(), _pack, torch.float32, keep=["conv_in"])
+
+
 def test_quantized_layers_match_dequantized_reference():
     model = _model()
     reference = _model()
