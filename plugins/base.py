@@ -1,8 +1,8 @@
 """The plugin contract: identity, availability, options, and the quantize / save / load hooks.
 
 A plugin is one object. Its options are a frozen dataclass (subclass of ``PluginOptions``) whose
-fields carry UI metadata (``help``, ``choices``); the web UI, the command line and the PNG metadata
-are all generated from it. Hooks, in the order they run:
+fields carry UI metadata (``help``, ``choices``). The web UI controls, the command-line flags and the
+PNG metadata are all generated from it. Hooks, in the order they run:
 
 - ``available()``: can it run on this machine, and if not, why;
 - ``quantize(part, options, progress)``: quantize a model part (UNet, transformer, ...) and report;
@@ -99,7 +99,7 @@ def _convert(name: str, value, hint):
 
 @dataclass
 class QuantizeReport:
-    """What a plugin's quantize did: layers, bits per weight, skipped layers with reasons, time."""
+    """Result of a plugin's quantize: layers, bits per weight, skipped layers with reasons, time."""
 
     plugin: str
     options: dict
@@ -146,7 +146,7 @@ class Plugin(ABC):
     file_suffix: str | None = None  # the artefact's file suffix, None when it saves nothing
 
     def available(self) -> tuple[bool, str]:
-        """Whether the plugin can run on this machine, and the reason when it cannot."""
+        """Return whether the plugin can run on this machine, and the reason when it cannot."""
         return True, "available"
 
     def applies_to(self, family: str, part: str) -> bool:

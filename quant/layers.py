@@ -1,7 +1,7 @@
 """Quantized drop-in layers for ``nn.Linear`` and ``nn.Conv2d``, and the function that swaps them in.
 
 A quantized layer stores a packed weight (``qweight``, a uint8 buffer) and a ``WeightFormat`` that
-knows how to unpack it. Its forward pass is the reference path: dequantize the whole weight into the
+unpacks it. Its forward pass is the reference path: dequantize the whole weight into the
 compute dtype, then run the ordinary matmul or convolution in that dtype, and return the result in
 the input's dtype.
 """

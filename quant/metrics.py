@@ -76,5 +76,5 @@ def adherence(images, prompts: list[str]) -> float:
 
 
 def is_adherence_prompt(prompt: str) -> bool:
-    """Whether the embedded model's checker can score this prompt."""
+    """Return whether the embedded model's checker can score this prompt."""
     return grammar.parse_caption(prompt) is not None

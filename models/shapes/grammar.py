@@ -30,7 +30,7 @@ MAX_HALF_SIZE = 11
 # Pixels kept free between the shape and the image edge, so the border shows only background.
 MARGIN = 3
 
-# Shapes are told apart by their mean row width, as a share of the bounding-box width, in a band
+# Shapes are distinguished by their mean row width, as a share of the bounding-box width, in a band
 # near the top (10-25% of the height) and one near the bottom (75-90%). Ideal values:
 #   triangle (apex up)  top 0.175, bottom 0.825
 #   circle              top 0.75,  bottom 0.75
@@ -48,7 +48,7 @@ MIN_OBJECT_PIXELS = 12
 
 @dataclass(frozen=True)
 class Scene:
-    """What one image shows: the three attributes a caption names."""
+    """Content of one image: the three attributes a caption names."""
 
     colour: str
     shape: str

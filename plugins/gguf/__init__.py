@@ -159,7 +159,7 @@ class GGUFPlugin(Plugin):
 
 
 def _compute_dtype(part: nn.Module) -> torch.dtype:
-    """The dtype the part was loaded in, which is the compute dtype the device probe picked."""
+    """Return the dtype the part was loaded in, which is the compute dtype the device probe picked."""
     return next(part.parameters()).dtype
 
 
