@@ -59,7 +59,7 @@ def test_unreadable_gguf(tmp_path):
         str(tmp_path / "a.png"),
     )
     assert result.returncode == 2
-    assert _error_line(result).startswith(f"error: {broken} is not a readable GGUF file")
+    assert _error_line(result) == f"error: {broken}: GGUF version 0 is not supported; expected 2 or 3"
 
 
 def test_plugins_lists_availability():

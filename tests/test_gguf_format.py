@@ -110,7 +110,9 @@ def test_file_round_trip(tmp_path):
 def test_read_rejects_garbage(tmp_path):
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"not a gguf file at all" * 10)
-    with pytest.raises(gguf_format.GGUFFileError, match="is not a readable GGUF file"):
+    with pytest.raises(
+        gguf_format.GGUFFileError, match=r"broken.gguf: not a GGUF file \(magic b'not ', expected b'GGUF'\)"
+    ):
         gguf_format.read_file(path)
 
 
@@ -129,4 +131,33 @@ def test_read_rejects_unsupported_type(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(gguf_format.GGUFFileError, match="'layer.weight' has type Q4_K"):
+        gguf_format.read_file(path)
+
+
+def test_read_rejects_truncated_file(tmp_path):
+    weight = _weights(64, 256, seed=6)
+    tensors = [gguf_format.GGUFTensor("layer.weight", "Q8_0", (64, 256), gguf_format.pack(weight, "Q8_0").numpy())]
+    path = tmp_path / "truncated.gguf"
+    gguf_format.write_file(path, "test", tensors, {})
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(
+        gguf_format.GGUFFileError, match=r"tensor 'layer.weight' ends at byte \d+ but the file has \d+ bytes"
+    ):
+        gguf_format.read_file(path)
+
+
+def test_read_rejects_cut_header(tmp_path):
+    path = tmp_path / "cut.gguf"
+    gguf_format.write_file(path, "test", [], {"lowbit.note": "x" * 100})
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(
+        gguf_format.GGUFFileError, match="the header at byte 56 runs past the end; the file is truncated"
+    ):
+        gguf_format.read_file(path)
+
+
+def test_read_rejects_future_version(tmp_path):
+    path = tmp_path / "v9.gguf"
+    path.write_bytes(b"GGUF" + (9).to_bytes(4, "little") + bytes(16))
+    with pytest.raises(gguf_format.GGUFFileError, match="GGUF version 9 is not supported; expected 2 or 3"):
         gguf_format.read_file(path)

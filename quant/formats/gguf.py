@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from quant.formats.gguf_check import GGUFHeaderError, check_file
+
 logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32
@@ -219,10 +221,17 @@ class GGUFFileError(ValueError):
 
 
 def read_file(path: Path) -> tuple[dict[str, object], list[GGUFTensor]]:
-    """Read a GGUF file's metadata and tensors; tensors of types we cannot dequantize are rejected."""
+    """Read a GGUF file's metadata and tensors, after checking its header and tensor table.
+
+    Files whose tensors have types we cannot dequantize, or do not fit the file, are rejected.
+    """
     path = Path(path)
     if not path.is_file():
         raise GGUFFileError(f"GGUF file not found: {path}")
+    try:
+        check_file(path, supported={*BLOCK_TYPES, *(qtype.name for qtype in FLOAT_TYPES)})
+    except GGUFHeaderError as error:
+        raise GGUFFileError(str(error)) from error
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError) as error:
