@@ -4,9 +4,9 @@ gguf-py's reader maps the whole file and fails on a truncated or corrupt one wit
 messages. This walks the header by hand (GGUF versions 2 and 3, little-endian) and rejects the file
 with one message that names the file, the tensor, what was found and what was expected.
 
-Layout: magic "GGUF", version u32, tensor count u64, key-value count u64, the key-value pairs, then
-per tensor its name, n_dims u32, dims u64[n_dims] (ggml order), type u32 and offset u64; tensor data
-starts at the next multiple of ``general.alignment`` (32 by default).
+Layout: the magic "GGUF", version u32, tensor count u64 and key-value count u64 come first, then
+the key-value pairs. Each tensor then has its name, n_dims u32, dims u64[n_dims] in ggml order, type
+u32 and offset u64. Tensor data starts at the next multiple of ``general.alignment`` (32 by default).
 """
 
 import struct
@@ -42,7 +42,7 @@ class _NeedMore(Exception):
 
 
 class _Cursor:
-    """Reads little-endian values from a prefix of the file; ``complete`` when the prefix is the whole file."""
+    """Reader of little-endian values from a prefix of the file, ``complete`` when the prefix is all of it."""
 
     def __init__(self, data: bytes, path: Path, complete: bool):
         self.data, self.position, self.path, self.complete = data, 0, path, complete
