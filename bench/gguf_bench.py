@@ -20,37 +20,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
+
+from quant.runtime import PeakMemory
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("full", "Q8_0", "Q5_1", "Q4_0")
 # The embedded model also runs in bfloat16, to measure what that compute dtype costs in quality.
 EMBEDDED_VARIANTS = ("full", "full-bf16", *VARIANTS[1:])
 RESULTS = ROOT / "bench" / "RESULTS.md"
-
-
-class PeakRSS:
-    """Peak resident set size of this process while the block runs, sampled every 5 ms."""
-
-    def __enter__(self):
-        import threading
-
-        self.peak = psutil.Process().memory_info().rss
-        self._stop = threading.Event()
-
-        def sample():
-            process = psutil.Process()
-            while not self._stop.wait(0.005):
-                self.peak = max(self.peak, process.memory_info().rss)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def _quantize(part: torch.nn.Module, variant: str):
@@ -72,7 +50,7 @@ def run_embedded(variant: str, out: Path) -> dict:
 
     pairs = grammar.adherence_prompts()
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
-    with PeakRSS() as memory:
+    with PeakMemory("cpu") as memory:
         images = generate_many(loaded, prompts, seeds)
         times = []
         for seed in range(5):
@@ -108,7 +86,7 @@ def run_sd15(variant: str, out: Path, steps: int = 3) -> dict:
     latents = torch.randn(2, 4, 64, 64)  # batch 2: classifier-free guidance at 512 x 512 pixels
     text = torch.randn(2, 77, 768)
     times = []
-    with torch.inference_mode(), PeakRSS() as memory:
+    with torch.inference_mode(), PeakMemory("cpu") as memory:
         for step in range(steps):
             started = time.perf_counter()
             unet(latents, 999 - step, text)

@@ -110,6 +110,13 @@ class SwapReport:
         return 8 * self.bytes_after / self.values if self.values else 0.0
 
 
+def replace_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    """Put ``replacement`` where the submodule called ``name`` (a dotted path) was."""
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, replacement)
+
+
 def swap_layers(
     model: nn.Module,
     pack: Callable[[str, nn.Module], tuple[torch.Tensor, WeightFormat]],
@@ -141,9 +148,7 @@ def swap_layers(
         except SkipLayer as reason:
             report.skipped.append((name, str(reason)))
             continue
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, quantized.to(module.weight.device))
+        replace_module(model, name, quantized.to(module.weight.device))
         report.quantized.append(name)
         report.bytes_before += module.weight.numel() * module.weight.element_size()
         report.bytes_after += qweight.numel() * qweight.element_size()

@@ -10,11 +10,11 @@ The chunk reads like this, with our plugin and its options appended as extra key
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from quant.files import atomic_path
 
 
 def parameters_text(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
@@ -42,17 +42,8 @@ def png_bytes(image: Image.Image, parameters: str) -> bytes:
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:
     """Save an image with its ``parameters`` chunk, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=path.name, suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(png_bytes(image, parameters))
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600 files
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(png_bytes(image, parameters))
 
 
 def read_parameters(path: Path) -> str | None:

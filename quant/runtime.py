@@ -178,6 +178,7 @@ def load_pipeline(
                 f"could not be reached ({type(error).__name__}). Download it where the hub is reachable "
                 "(`hf download " + source + "`) or pass a local folder"
             ) from error
+
     pipeline.to(info.device)
     pipeline.set_progress_bar_config(disable=True)
     denoiser_name = "unet" if hasattr(pipeline, "unet") else "transformer"
@@ -298,7 +299,7 @@ class GenerationResult:
     seeds: list[int] = field(default_factory=list)
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak memory during a block: CUDA allocator peak on a GPU, sampled process RSS on the CPU."""
 
     INTERVAL_S = 0.005
@@ -375,7 +376,7 @@ def generate(
     if request.negative_prompt:
         arguments["negative_prompt"] = [request.negative_prompt] * request.batch_size
     started = time.perf_counter()
-    with _PeakMemory(loaded.device) as memory:
+    with PeakMemory(loaded.device) as memory:
         images = pipeline(**arguments).images
     seconds = time.perf_counter() - started
     return GenerationResult(

@@ -18,6 +18,10 @@ def _launch(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
+def _generate(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return _launch("generate", "--prompt", "a red circle on a blue background", *args, cwd=cwd)
+
+
 def _error_line(result: subprocess.CompletedProcess) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
@@ -39,7 +43,7 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
 )
 def test_generate_bad_input(args, message, tmp_path):
     (tmp_path / "unet.gguf").write_bytes(b"GGUF")
-    result = _launch("generate", "--prompt", "a red circle on a blue background", *args, cwd=tmp_path)
+    result = _generate(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert _error_line(result).startswith(message)
 
@@ -47,10 +51,7 @@ def test_generate_bad_input(args, message, tmp_path):
 def test_unreadable_gguf(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\x00" * 7)
-    result = _launch(
-        "generate",
-        "--prompt",
-        "a red circle on a blue background",
+    result = _generate(
         "--plugin",
         "gguf",
         "--gguf",
@@ -71,10 +72,7 @@ def test_plugins_lists_availability():
 
 def test_generate_quantize_and_load_gguf(tmp_path):
     out = tmp_path / "q4.png"
-    result = _launch(
-        "generate",
-        "--prompt",
-        "a red circle on a blue background",
+    result = _generate(
         "--plugin",
         "gguf",
         "--qtype",
@@ -98,10 +96,7 @@ def test_generate_quantize_and_load_gguf(tmp_path):
     assert gguf_file.is_file()
 
     from_file = tmp_path / "from_file.png"
-    result = _launch(
-        "generate",
-        "--prompt",
-        "a red circle on a blue background",
+    result = _generate(
         "--plugin",
         "gguf",
         "--gguf",
@@ -131,10 +126,7 @@ def test_auth_accepts_several_logins():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="float16 is usable on a CUDA GPU")
 def test_float16_rejected_on_cpu(tmp_path):
-    result = _launch(
-        "generate",
-        "--prompt",
-        "a red circle on a blue background",
+    result = _generate(
         "--dtype",
         "float16",
         "--out",

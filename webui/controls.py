@@ -167,6 +167,18 @@ def request_from_values(values: list, batch_size: int | None = None):
     )
 
 
+def parse_values(
+    registry: Registry, controls: GenerationControls, picker: PluginPicker, values: tuple, batch_size: int | None = None
+):
+    """Split a handler's values (``controls.inputs`` then ``picker.inputs``) into model, plugin, options, request."""
+    generation_values = list(values[: len(controls.inputs)])
+    plugin_id, *option_values = values[len(controls.inputs) :]
+    plugin = registry.get(plugin_id)
+    options = plugin.options_class.from_dict(picker.values(plugin_id, tuple(option_values)))
+    request = request_from_values(generation_values, batch_size)
+    return generation_values[0], plugin, options, request
+
+
 def user_errors(handler: Callable) -> Callable:
     """Show expected failures to the user as one line (gr.Error) and log unexpected ones with a traceback."""
     import functools

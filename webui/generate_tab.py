@@ -9,7 +9,7 @@ import gradio as gr
 from plugins.registry import Registry
 from plugins.studio import prepare, run, save_images
 from quant.runtime import PipelineCache
-from webui.controls import ENLARGE_TO, generation_controls, plugin_picker, request_from_values, user_errors
+from webui.controls import ENLARGE_TO, generation_controls, parse_values, plugin_picker, user_errors
 
 OUTPUT_DIR = Path(os.environ.get("LOWBIT_OUTPUT_DIR", "outputs"))
 
@@ -46,12 +46,7 @@ def build(registry: Registry, cache: PipelineCache) -> None:
 
     @user_errors
     def on_generate(*values, progress=gr.Progress()):
-        generation_values = values[: len(controls.inputs)]
-        plugin_id, *option_values = values[len(controls.inputs) :]
-        plugin = registry.get(plugin_id)
-        options = plugin.options_class.from_dict(picker.values(plugin_id, tuple(option_values)))
-        request = request_from_values(list(generation_values))
-        model = generation_values[0]
+        model, plugin, options, request = parse_values(registry, controls, picker, values)
 
         yield gr.skip(), gr.skip(), f"loading {model} and applying {plugin.name}...", gr.skip(), gr.skip()
         loaded, report = prepare(

@@ -35,8 +35,8 @@ MARGIN = 3
 #   triangle (apex up)  top 0.175, bottom 0.825
 #   circle              top 0.75,  bottom 0.75
 #   square              top 1.0,   bottom 1.0
-# A triangle's top is under half its bottom; otherwise a mean of both bands of at least 0.875,
-# halfway between circle and square, is a square. Unlike the fill ratio (area over box area), these
+# A shape whose top is under half its bottom is a triangle. Otherwise it is a square when the mean
+# of both bands is at least 0.875, halfway between circle and square. Unlike the fill ratio (area over box area), these
 # widths barely move when a generated square comes out with rounded corners.
 TOP_BAND = (0.10, 0.25)
 BOTTOM_BAND = (0.75, 0.90)

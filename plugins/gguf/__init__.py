@@ -16,7 +16,7 @@ from torch import nn
 
 from plugins.base import Plugin, PluginOptions, Progress, QuantizeReport, option
 from quant.formats import gguf as gguf_format
-from quant.layers import QUANTIZABLE, QuantizedLayer, SkipLayer, SwapReport, swap_layers
+from quant.layers import QUANTIZABLE, QuantizedLayer, SkipLayer, SwapReport, replace_module, swap_layers
 
 QTYPES = tuple(gguf_format.BLOCK_TYPES)
 FLOAT_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
@@ -131,8 +131,7 @@ class GGUFPlugin(Plugin):
                     )
                 qweight = torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).to(target.device)
                 layer = QUANTIZABLE[type(module)](module, qweight, GGUFWeightFormat(tensor.type_name), compute_dtype)
-                parent_name, _, child = layer_name.rpartition(".")
-                setattr(base_part.get_submodule(parent_name) if parent_name else base_part, child, layer)
+                replace_module(base_part, layer_name, layer)
                 swap.quantized.append(layer_name)
                 swap.bytes_before += target.numel() * target.element_size()
                 swap.bytes_after += qweight.numel()

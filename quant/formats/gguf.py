@@ -21,8 +21,6 @@ A packed weight is a uint8 tensor of shape [rows, row_bytes]; a weight of shape 
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from quant.files import atomic_path
 from quant.formats.gguf_check import GGUFHeaderError, check_file
 
 logger = logging.getLogger(__name__)
@@ -190,10 +189,7 @@ class GGUFTensor:
 def write_file(path: Path, architecture: str, tensors: list[GGUFTensor], metadata: dict[str, str]) -> None:
     """Write tensors and string metadata to a GGUF file atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=path.name, suffix=".part", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         writer = gguf.GGUFWriter(temporary, architecture)
         for key, value in metadata.items():
             writer.add_string(key, value)
@@ -208,11 +204,6 @@ def write_file(path: Path, architecture: str, tensors: list[GGUFTensor], metadat
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600 files
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     logger.info("wrote %s: %d tensors, %.1f MB", path, len(tensors), path.stat().st_size / 1e6)
 
 
