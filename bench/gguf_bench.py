@@ -159,6 +159,18 @@ def _table(rows: list[dict], embedded: bool, quality: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _previous_sections() -> dict[str, str]:
+    """Return the tables of the last results page by title, so that ``--only`` replaces just its own."""
+    if not RESULTS.is_file():
+        return {}
+    body = RESULTS.read_text().split("\n## Notes", 1)[0]
+    sections = {}
+    for chunk in body.split("\n### ")[1:]:
+        title = chunk.split("\n", 1)[0]
+        sections[title] = f"### {chunk.rstrip()}\n"
+    return sections
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["embedded", "sd15"], help="run one model only")
@@ -174,7 +186,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     models = [args.only] if args.only else ["embedded", "sd15"]
-    sections = []
+    sections = _previous_sections() if args.only else {}
     for model in models:
         variants = EMBEDDED_VARIANTS if model == "embedded" else VARIANTS
         rows = [_child(model, variant, args.work / f"{model}-{variant}.json") for variant in variants]
@@ -184,8 +196,8 @@ def main() -> None:
             if model == "embedded"
             else "SD1.5-architecture UNet (random weights), 512 x 512, batch 2, median of 3 steps"
         )
-        sections.append(f"### {title}\n\n{_table(rows, model == 'embedded', quality)}\n")
-        print(sections[-1], flush=True)
+        sections[title] = f"### {title}\n\n{_table(rows, model == 'embedded', quality)}\n"
+        print(sections[title], flush=True)
 
     cpu = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -199,7 +211,7 @@ def main() -> None:
     notes = ""
     if RESULTS.is_file() and "\n## Notes" in RESULTS.read_text():
         notes = "\n## Notes" + RESULTS.read_text().split("\n## Notes", 1)[1]
-    RESULTS.write_text("# GGUF benchmark\n\n" + header + "\n" + "\n".join(sections) + notes)
+    RESULTS.write_text("# GGUF benchmark\n\n" + header + "\n" + "\n".join(sections.values()) + notes)
 
 
 if __name__ == "__main__":
