@@ -88,7 +88,10 @@ def test_generate_quantize_and_load_gguf(tmp_path):
     assert parameters.startswith(
         "a red circle on a blue background\nSteps: 20, Sampler: DPM++ 2M, CFG scale: 4.0, Seed: 0, Size: 32x32"
     )
-    assert 'Quantization: gguf, Quantization options: {"keep": [], "qtype": "Q4_0", "version": 1}' in parameters
+    assert (
+        'Quantization: gguf, Quantization options: {"keep": [], "qtype": "Q4_0", "quantize_io": false, "version": 1}'
+        in parameters
+    )
 
     gguf_file = tmp_path / "unet.gguf"
     result = _launch("quantize", "--plugin", "gguf", "--qtype", "Q4_0", "--out", str(gguf_file))

@@ -23,7 +23,8 @@ def test_report_lists_skips(quantized):
     _, report = quantized
     reasons = dict(report.skipped)
     assert reasons["conv_out"] == "on the keep list ('conv_out')"
-    assert reasons["conv_in"] == "rows of 36 values are not a multiple of the 32-value block"
+    assert reasons["conv_in"] == "input, output or embedding layer (quantize_io is off)"
+    assert reasons["time_embedding.linear_1"] == "input, output or embedding layer (quantize_io is off)"
     assert report.layers_quantized > 30
     assert report.bits_per_weight == pytest.approx(5.0)
 
@@ -85,3 +86,26 @@ def test_load_rejects_wrong_shape(embedded, tmp_path):
     gguf_format.write_file(path, "test", [gguf_format.GGUFTensor("conv_in.bias", "F32", (7,), wrong)], {})
     with pytest.raises(GGUFFileError, match=r"tensor 'conv_in.bias' has shape \(7,\), expected \(32,\)"):
         gguf_plugin.load(path, copy.deepcopy(embedded.denoiser))
+
+
+def test_quantize_io_packs_what_fits(embedded):
+    options = GGUFOptions(qtype="Q8_0", quantize_io=True)
+    unet, report = gguf_plugin.quantize(copy.deepcopy(embedded.denoiser), options)
+    reasons = dict(report.skipped)
+    assert reasons["conv_in"] == (
+        "rows of 36 values are not a multiple of the 32-value Q8_0 block, "
+        "and its 1152 values do not fill whole 256-value rows"
+    )
+    assert isinstance(unet.conv_out, QuantizedLayer)
+    assert isinstance(unet.time_embedding.linear_1, QuantizedLayer)
+
+
+def test_mix_gives_attention_higher_type(embedded):
+    unet, report = gguf_plugin.quantize(copy.deepcopy(embedded.denoiser), GGUFOptions(qtype="Q4_K_M"))
+    layers = {name: module for name, module in unet.named_modules() if isinstance(module, QuantizedLayer)}
+    types = {name: layer.weight_format.name for name, layer in layers.items()}
+    upgraded = [name for name in types if name.endswith((".to_v", ".ff.net.2"))]
+    assert len(upgraded) >= 4
+    assert {types[name] for name in upgraded} == {"Q6_K"}
+    assert {types[name] for name in set(types) - set(upgraded)} == {"Q4_K"}
+    assert 4.5 < report.bits_per_weight < 6.5625

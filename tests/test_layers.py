@@ -30,7 +30,11 @@ def test_swap_reports_quantized_and_skipped():
     report = swap_layers(model, _pack, torch.float32, keep=["4"])
     assert report.quantized == ["1", "3"]
     assert report.skipped == [
-        ("0", "rows of 36 values are not a multiple of the 32-value block"),
+        (
+            "0",
+            "rows of 36 values are not a multiple of the 32-value Q8_0 block, "
+            "and its 1152 values do not fill whole 256-value rows",
+        ),
         ("4", "on the keep list ('4')"),
     ]
     assert isinstance(model[1], QuantizedConv2d)

@@ -8,7 +8,7 @@ from plugins.gguf import GGUFOptions
 def test_defaults_round_trip_json():
     options = GGUFOptions()
     assert GGUFOptions.from_json(options.to_json()) == options
-    assert json.loads(options.to_json()) == {"keep": [], "qtype": "Q8_0", "version": 1}
+    assert json.loads(options.to_json()) == {"keep": [], "qtype": "Q8_0", "quantize_io": False, "version": 1}
 
 
 def test_from_dict_converts_strings():

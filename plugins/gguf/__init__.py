@@ -1,8 +1,10 @@
-"""GGUF plugin: ggml's block quantization (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0) for UNets and transformers.
+"""GGUF plugin: ggml's block quantization of UNets and transformers, from Q8_0 down to Q2_K.
 
-Weights are packed by gguf-py's reference quantizer and saved as a ``.gguf`` file that
-``gguf.GGUFReader`` and other GGUF tools read. What cannot be packed (1-D tensors, rows that are not
-a multiple of 32 values, layers on the keep list) stays in full precision and is reported.
+Weights are packed by ggml's and gguf-py's quantizers (``quant.formats.gguf``) and saved as a
+``.gguf`` file that ``gguf.GGUFReader`` and other GGUF tools read. The type of each layer comes from
+a recipe (``plugins.gguf.recipes``): one type for all, or a llama.cpp-style ``_S``/``_M`` mix. What
+cannot be packed (1-D tensors, weights that fill no whole block row), the input, output and embedding
+layers, and layers on the keep list stay in full precision and are reported.
 """
 
 import json
@@ -15,17 +17,28 @@ import torch
 from torch import nn
 
 from plugins.base import Plugin, PluginOptions, Progress, QuantizeReport, option
+from plugins.gguf.recipes import RECIPES, is_full_precision_layer
 from quant.formats import gguf as gguf_format
 from quant.layers import QUANTIZABLE, QuantizedLayer, SkipLayer, SwapReport, replace_module, swap_layers
 
-QTYPES = tuple(gguf_format.BLOCK_TYPES)
+QTYPES = tuple(RECIPES)
 FLOAT_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
 
 
 @dataclass(frozen=True)
 class GGUFOptions(PluginOptions):
-    qtype: str = option("Q8_0", "GGUF block type of the quantized weights", choices=QTYPES)
+    qtype: str = option(
+        "Q8_0",
+        "GGUF block type of the quantized weights, or a mix (_S, _M, _L) that gives attention value and "
+        "feed-forward output layers a higher type",
+        choices=QTYPES,
+    )
     keep: tuple[str, ...] = option((), "layer names or fnmatch patterns to keep in full precision, comma-separated")
+    quantize_io: bool = option(
+        False,
+        "also quantize the input, output and embedding layers (conv_in, conv_out, time and text embeddings), "
+        "which GGUF converters keep in full precision",
+    )
 
 
 @dataclass(frozen=True)
@@ -55,17 +68,20 @@ class GGUFPlugin(Plugin):
         started = time.perf_counter()
         total = sum(type(module) in QUANTIZABLE for module in part.modules())
         done = 0
-        weight_format = GGUFWeightFormat(options.qtype)
+        recipe = RECIPES[options.qtype]
 
         def pack(name: str, module: nn.Module):
             nonlocal done
             done += 1
             if progress is not None:
                 progress(done, total, name)
-            reason = gguf_format.can_pack(tuple(module.weight.shape))
+            if not options.quantize_io and is_full_precision_layer(name):
+                raise SkipLayer("input, output or embedding layer (quantize_io is off)")
+            qtype = recipe.qtype_for(name)
+            reason = gguf_format.can_pack(tuple(module.weight.shape), qtype)
             if reason:
                 raise SkipLayer(reason)
-            return gguf_format.pack(module.weight, options.qtype), weight_format
+            return gguf_format.pack(module.weight, qtype), GGUFWeightFormat(qtype)
 
         swap = swap_layers(part, pack, compute_dtype=_compute_dtype(part), keep=options.keep)
         return part, QuantizeReport.from_swap(self.id, options, swap, time.perf_counter() - started)

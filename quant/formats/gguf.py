@@ -1,12 +1,19 @@
-"""GGUF block formats: packing through gguf-py, dequantization in PyTorch, file read and write.
+"""GGUF block formats: packing through ggml and gguf-py, dequantization in PyTorch, file read and write.
 
-Quantization uses the ``gguf`` package (llama.cpp's own Python port of ggml's reference
-quantizers), so the blocks we write are the blocks ggml defines. Dequantization is written here in
-PyTorch, so it runs on any device and in any compute dtype. In float32 it equals
-``gguf.quants.dequantize`` bit for bit, which the tests check.
+Packing uses the field's own quantizers, so the blocks we write are the blocks ggml defines: gguf-py
+(llama.cpp's numpy port of ggml's reference quantizers) for the legacy types, and ggml itself through
+``quant.formats.ggml`` for the K-quants, which gguf-py cannot produce. IQ4_NL and IQ4_XS are read but
+not written, because ggml produces good IQ blocks only with an importance matrix.
 
-Block layouts (``d`` and ``m`` are float16, ``qs`` packs 4-bit values, low nibbles holding values
-0-15 of a block and high nibbles values 16-31, ``qh`` holds the fifth bit of value j at bit j):
+Dequantization runs in PyTorch, so it runs on any device and in any compute dtype. The legacy types
+use the dequantizers below. The K-quants and IQ4 types use diffusers' GGUF dequantizers, called
+with float32 arithmetic: with their default (float16 arithmetic) they differ from ggml's float32
+results by up to 1e-3 on weights of 0.01. In float32 both equal ``gguf.quants.dequantize`` bit for
+bit, which the tests check for every type; another dtype gets that float32 result rounded once.
+
+Block layouts of the legacy types (``d`` and ``m`` are float16, ``qs`` packs 4-bit values, low
+nibbles holding values 0-15 of a block and high nibbles values 16-31, ``qh`` holds the fifth bit of
+value j at bit j):
 
     type   bytes  layout                    value
     Q8_0   34     d, qs[32] int8            d * q
@@ -15,33 +22,42 @@ Block layouts (``d`` and ``m`` are float16, ``qs`` packs 4-bit values, low nibbl
     Q4_1   20     d, m, qs[16]              d * q + m
     Q4_0   18     d, qs[16]                 d * (q - 8)
 
-A packed weight is a uint8 tensor of shape [rows, row_bytes]; a weight of shape [out, in] or
-[out, in, kh, kw] is packed as rows of ``in * kh * kw`` values, which must be a multiple of 32.
+The K-quants hold 256 values per block in 16 or 8 sub-blocks, each with its own 4- to 8-bit scale.
+
+A packed weight is a uint8 tensor of shape [rows, row_bytes]. A weight of shape [out, in] or
+[out, in, kh, kw] is packed as ``out`` rows of ``in * kh * kw`` values when that row length is a
+multiple of the block. Otherwise, when the weight has a multiple of 256 values, it is packed
+flattened into rows of 256 values, as ComfyUI-GGUF's converter stores such tensors. Either way the
+blocks follow the weight's own value order, so unpacking does not depend on the row split.
 """
 
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
+from diffusers.quantizers.gguf.utils import dequantize_functions as diffusers_dequantizers
 from gguf import GGMLQuantizationType as QType
 
 from quant.files import atomic_path
+from quant.formats import ggml
 from quant.formats.gguf_check import GGUFHeaderError, check_file
 
 logger = logging.getLogger(__name__)
 
-BLOCK_SIZE = 32
+# Row length that ComfyUI-GGUF's converter flattens weights to when their rows do not fit a block.
+FLAT_ROW = 256
 # Metadata key prefix for the original shape of a tensor stored flattened to rows (ComfyUI-GGUF's key).
 ORIGINAL_SHAPE_KEY = "comfy.gguf.orig_shape."
 FLOAT_TYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
 
 
-# ---------------------------------------------------------------- dequantizers, one per type
+# ---------------------------------------------------------------- dequantizers of the legacy types
 
 
 def _half(blocks: torch.Tensor, offset: int) -> torch.Tensor:
@@ -90,14 +106,23 @@ def _dequantize_q5_1(blocks: torch.Tensor) -> torch.Tensor:
     return d * q + m
 
 
+def _diffusers_float32(qtype: QType) -> Callable[[torch.Tensor], torch.Tensor]:
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return partial(diffusers_dequantizers[qtype], block_size=block_size, type_size=type_size, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- the block types
+
+
 @dataclass(frozen=True)
 class BlockType:
-    """One GGUF block type: its size and its PyTorch dequantizer."""
+    """One GGUF block type: its size, its PyTorch dequantizer, and who packs it (None: read only)."""
 
     qtype: QType
     block_size: int
     type_size: int
     dequantize_blocks: Callable[[torch.Tensor], torch.Tensor]
+    packer: str | None  # "gguf-py", "ggml" or None
 
     @property
     def bits_per_weight(self) -> float:
@@ -107,18 +132,28 @@ class BlockType:
 BLOCK_TYPES: dict[str, BlockType] = {}
 
 
-def _register(qtype: QType, dequantize_blocks: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def _register(qtype: QType, dequantize_blocks: Callable[[torch.Tensor], torch.Tensor], packer: str | None) -> None:
     if qtype.name in BLOCK_TYPES:
         raise ValueError(f"block type {qtype.name} is registered twice")
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    BLOCK_TYPES[qtype.name] = BlockType(qtype, block_size, type_size, dequantize_blocks)
+    BLOCK_TYPES[qtype.name] = BlockType(qtype, block_size, type_size, dequantize_blocks, packer)
 
 
-_register(QType.Q8_0, _dequantize_q8_0)
-_register(QType.Q5_1, _dequantize_q5_1)
-_register(QType.Q5_0, _dequantize_q5_0)
-_register(QType.Q4_1, _dequantize_q4_1)
-_register(QType.Q4_0, _dequantize_q4_0)
+_register(QType.Q8_0, _dequantize_q8_0, "gguf-py")
+_register(QType.Q6_K, _diffusers_float32(QType.Q6_K), "ggml")
+_register(QType.Q5_K, _diffusers_float32(QType.Q5_K), "ggml")
+_register(QType.Q5_1, _dequantize_q5_1, "gguf-py")
+_register(QType.Q5_0, _dequantize_q5_0, "gguf-py")
+_register(QType.Q4_K, _diffusers_float32(QType.Q4_K), "ggml")
+_register(QType.Q4_1, _dequantize_q4_1, "gguf-py")
+_register(QType.Q4_0, _dequantize_q4_0, "gguf-py")
+_register(QType.Q3_K, _diffusers_float32(QType.Q3_K), "ggml")
+_register(QType.Q2_K, _diffusers_float32(QType.Q2_K), "ggml")
+_register(QType.IQ4_NL, _diffusers_float32(QType.IQ4_NL), None)
+_register(QType.IQ4_XS, _diffusers_float32(QType.IQ4_XS), None)
+
+# Types this version writes, highest precision first.
+PACKABLE_TYPES = tuple(name for name, kind in BLOCK_TYPES.items() if kind.packer)
 
 
 def block_type(name: str) -> BlockType:
@@ -133,26 +168,46 @@ def block_type(name: str) -> BlockType:
 
 
 def row_length(shape: tuple[int, ...]) -> int:
-    """Number of values in one packed row of a weight of this shape (all but the first dimension)."""
+    """Number of values in one row of a weight of this shape (all but the first dimension)."""
     return int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
 
 
-def can_pack(shape: tuple[int, ...]) -> str | None:
-    """Return None if a weight of this shape can be packed, else the reason it cannot."""
+def can_pack(shape: tuple[int, ...], qtype: str = "Q8_0") -> str | None:
+    """Return None if a weight of this shape can be packed as ``qtype``, else the reason it cannot."""
     if len(shape) < 2:
         return f"{len(shape)}-D tensors stay in full precision"
-    if row_length(shape) % BLOCK_SIZE:
-        return f"rows of {row_length(shape)} values are not a multiple of the {BLOCK_SIZE}-value block"
-    return None
+    block_size = block_type(qtype).block_size
+    if row_length(shape) % block_size == 0:
+        return None
+    values = int(np.prod(shape))
+    if values % FLAT_ROW == 0 and values > FLAT_ROW:
+        return None
+    return (
+        f"rows of {row_length(shape)} values are not a multiple of the {block_size}-value {qtype} block, "
+        f"and its {values} values do not fill whole {FLAT_ROW}-value rows"
+    )
+
+
+def pack_rows(shape: tuple[int, ...], qtype: str) -> tuple[int, int]:
+    """Return the (rows, values per row) that a weight of this shape is packed as."""
+    if row_length(shape) % block_type(qtype).block_size == 0:
+        return int(shape[0]), row_length(shape)
+    return int(np.prod(shape)) // FLAT_ROW, FLAT_ROW
 
 
 def pack(weight: torch.Tensor, qtype: str) -> torch.Tensor:
-    """Quantize a weight into uint8 blocks [rows, row_bytes] with gguf-py's reference quantizer."""
-    reason = can_pack(tuple(weight.shape))
+    """Quantize a weight into uint8 blocks [rows, row_bytes] with ggml's or gguf-py's quantizer."""
+    kind = block_type(qtype)
+    shape = tuple(weight.shape)
+    reason = can_pack(shape, qtype)
     if reason:
-        raise ValueError(f"cannot pack a weight of shape {tuple(weight.shape)} as {qtype}: {reason}")
-    rows = weight.detach().float().cpu().reshape(weight.shape[0], -1).numpy()
-    return torch.from_numpy(gguf.quants.quantize(rows, block_type(qtype).qtype))
+        raise ValueError(f"cannot pack a weight of shape {shape} as {qtype}: {reason}")
+    if kind.packer is None:
+        raise ValueError(f"{qtype} can be read but not written; pick one of {', '.join(PACKABLE_TYPES)}")
+    rows = weight.detach().float().cpu().reshape(pack_rows(shape, qtype)).numpy()
+    if kind.packer == "ggml":
+        return torch.from_numpy(ggml.quantize_rows(rows, kind.qtype))
+    return torch.from_numpy(gguf.quants.quantize(rows, kind.qtype))
 
 
 def unpack(
@@ -195,9 +250,11 @@ def write_file(path: Path, architecture: str, tensors: list[GGUFTensor], metadat
             writer.add_string(key, value)
         for tensor in tensors:
             if tensor.type_name in BLOCK_TYPES:
-                if len(tensor.shape) != 2:
+                kind = block_type(tensor.type_name)
+                rows, row_bytes = tensor.data.shape
+                if (rows, row_bytes // kind.type_size * kind.block_size) != tuple(tensor.shape):
                     writer.add_array(ORIGINAL_SHAPE_KEY + tensor.name, list(tensor.shape))
-                writer.add_tensor(tensor.name, tensor.data, raw_dtype=block_type(tensor.type_name).qtype)
+                writer.add_tensor(tensor.name, tensor.data, raw_dtype=kind.qtype)
             else:
                 writer.add_tensor(tensor.name, tensor.data)
         writer.write_header_to_file()

@@ -1,0 +1,89 @@
+"""ggml's own quantizer, called through the ``libggml-base`` library that llama-cpp-python bundles.
+
+gguf-py quantizes only the legacy block types (Q8_0, Q5_x, Q4_x) in numpy. The K-quants (Q6_K to
+Q2_K) exist only in ggml's C code, and llama-cpp-python loads that library without binding its
+quantizer, so this module binds ``ggml_quantize_chunk`` with ctypes. The bytes it returns are ggml's
+bytes by construction, and the tests compare its legacy types with gguf-py's quantizer.
+"""
+
+import ctypes
+import importlib.util
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QType
+
+_LIBRARY_NAMES = ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll")
+
+
+class GGMLUnavailableError(RuntimeError):
+    """ggml's quantizer is not installed, so the K-quant types cannot be produced."""
+
+
+@cache
+def _library() -> ctypes.CDLL:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise GGMLUnavailableError(
+            "quantizing to K-quant types needs ggml's quantizer from llama-cpp-python, which is not installed; "
+            "install it with `pip install -r requirements.txt`, or pick Q8_0, Q5_1, Q5_0, Q4_1 or Q4_0"
+        )
+    lib_dir = Path(spec.origin).parent / "lib"
+    for name in _LIBRARY_NAMES:
+        if (lib_dir / name).is_file():
+            library = ctypes.CDLL(str(lib_dir / name))
+            break
+    else:
+        raise GGMLUnavailableError(f"llama-cpp-python is installed but {lib_dir} holds none of {_LIBRARY_NAMES}")
+
+    library.ggml_quantize_chunk.restype = ctypes.c_size_t
+    library.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,  # enum ggml_type
+        ctypes.c_void_p,  # const float * src
+        ctypes.c_void_p,  # void * dst
+        ctypes.c_int64,  # start (index of the first value)
+        ctypes.c_int64,  # nrows
+        ctypes.c_int64,  # n_per_row
+        ctypes.c_void_p,  # const float * imatrix, or NULL
+    ]
+    library.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    library.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    library.ggml_quantize_init.restype = None
+    library.ggml_quantize_init.argtypes = [ctypes.c_int]
+    return library
+
+
+def available() -> bool:
+    """Return whether ggml's quantizer can be loaded."""
+    try:
+        _library()
+    except (GGMLUnavailableError, OSError):
+        return False
+    return True
+
+
+def quantize_rows(rows: np.ndarray, qtype: QType) -> np.ndarray:
+    """Quantize float32 rows [n, k] into ggml blocks, returned as uint8 [n, k / block * type_size].
+
+    ggml's K-quant quantizers without an importance matrix are its reference routines, so the
+    result does not depend on the CPU's vector extensions.
+    """
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] % block_size:
+        raise ValueError(
+            f"{qtype.name} needs rows whose length is a multiple of {block_size} values, got shape {rows.shape}"
+        )
+    library = _library()
+    if library.ggml_quantize_requires_imatrix(int(qtype)):
+        raise ValueError(f"{qtype.name} needs an importance matrix, which diffusion models do not have")
+    library.ggml_quantize_init(int(qtype))  # builds the type's lookup tables on first use
+
+    n_rows, n_per_row = rows.shape
+    out = np.empty((n_rows, n_per_row // block_size * type_size), dtype=np.uint8)
+    written = library.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None)
+    if written != out.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {qtype.name}, expected {out.nbytes}")
+    return out
