@@ -89,7 +89,11 @@ class GGUFPlugin(Plugin):
         SD1.x/SDXL UNets and FLUX transformers are written under the original checkpoint's tensor
         names with ``general.architecture`` "sd1", "sdxl" or "flux", as ComfyUI-GGUF reads them.
         Other models keep diffusers names, and their architecture is the class name in lowercase.
-        ``lowbit.tensor_names`` says which names the file uses.
+        ``lowbit.tensor_names`` records which names the file uses.
+
+        Packed convolution weights are rows of ``in * kh * kw`` values, with their shape in
+        ``comfy.gguf.orig_shape.<name>``. ComfyUI-GGUF reads them, but diffusers 0.42 does not,
+        because it loads packed ``nn.Linear`` weights only.
         """
         tensors = []
         for name, module in part.named_modules():
@@ -107,8 +111,12 @@ class GGUFPlugin(Plugin):
         # _name_or_path is where the model was loaded from on this machine, not part of the model.
         config = {key: value for key, value in dict(getattr(part, "config", {})).items() if key != "_name_or_path"}
         architecture = gguf_names.architecture_of(type(part).__name__, config)
+        path = Path(path)
         if architecture:
-            tensors = gguf_names.to_original(tensors, architecture, config)
+            try:
+                tensors = gguf_names.to_original(tensors, architecture, config)
+            except ValueError as error:
+                raise ValueError(f"cannot write {path} with {architecture} tensor names: {error}") from error
             naming = gguf_names.ORIGINAL_NAMES
         else:
             architecture, naming = type(part).__name__.lower(), gguf_names.DIFFUSERS_NAMES
@@ -119,7 +127,6 @@ class GGUFPlugin(Plugin):
             "lowbit.model_config": json.dumps(config, default=str, sort_keys=True),
             "lowbit.tensor_names": naming,
         }
-        path = Path(path)
         gguf_format.write_file(path, architecture, tensors, metadata)
         return path
 
@@ -158,6 +165,8 @@ class GGUFPlugin(Plugin):
             file_name = file_names.get(name, name)
             return repr(name) if file_name == name else f"{file_name!r} ({name})"
 
+        # A quantized layer copies its module's bias when it is built, so biases load before weights.
+        tensors = sorted(tensors, key=lambda tensor: tensor.type_name in gguf_format.BLOCK_TYPES)
         swap, seen, qtypes = SwapReport(), set(), Counter()
         for tensor in tensors:
             if tensor.name not in expected:
@@ -194,9 +203,9 @@ class GGUFPlugin(Plugin):
 
         missing = sorted(set(expected) - seen)
         if missing:
-            shown = ", ".join(label(name) for name in missing[:5])
+            listed = ", ".join(label(name) for name in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise gguf_format.GGUFFileError(f"{path}: {len(missing)} tensors of the model are missing: {shown}{more}")
+            raise gguf_format.GGUFFileError(f"{path}: {len(missing)} tensors of the model are missing: {listed}{more}")
 
         logger.info(
             "loaded %s (%s, %s names): %s; %.2f bits per quantized weight, %.1f MB resident",
@@ -216,6 +225,8 @@ class GGUFPlugin(Plugin):
 
 def _packed_tensor(name: str, layer: QuantizedLayer) -> gguf_format.GGUFTensor:
     """Return a packed layer weight as rows of ``in * kh * kw`` values, or one block a row when they do not fit."""
+    # TODO(gguf): write_file records the original shape of non-2-D weights only, so a 2-D weight with
+    # rows that are not whole blocks (possible with 256-value K-quant blocks) would be read back wrongly.
     qtype = layer.weight_format.name
     kind = gguf_format.block_type(qtype)
     rows = layer.weight_shape[0] if gguf_format.row_length(layer.weight_shape) % kind.block_size == 0 else -1
@@ -235,9 +246,9 @@ def _packed_rows(tensor: gguf_format.GGUFTensor) -> torch.Tensor:
 def _check_shape(path: Path, label: str, found: tuple[int, ...], expected: tuple[int, ...]) -> None:
     """Raise unless a file tensor's shape is the model's, up to size-1 dimensions.
 
-    Size-1 dimensions may differ because they do not change the order of the values: a 1x1
-    convolution stored as a 2-D [out, in] weight, or a linear weight stored as [out, in, 1, 1] (as
-    stable-diffusion.cpp does for SDXL's proj_in and proj_out). Any other reshape is an error.
+    Size-1 dimensions may differ because they do not change the order of the values. So a 1x1
+    convolution may be stored as a 2-D [out, in] weight, and a linear weight as [out, in, 1, 1].
+    stable-diffusion.cpp stores SDXL's proj_in and proj_out that way. Any other reshape is an error.
     """
     if found == expected:
         return
