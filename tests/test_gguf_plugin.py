@@ -63,10 +63,10 @@ def test_load_rejects_other_model(quantized, tmp_path):
     unet, report = quantized
     path = gguf_plugin.save(unet, report, GGUFOptions(qtype="Q4_1"), tmp_path / "unet.gguf")
     other = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(
-        GGUFFileError,
-        match="general.architecture is 'unet2dconditionmodel', but the Sequential it is loaded into expects 'sequential'",
-    ):
+    message = (
+        "general.architecture is 'unet2dconditionmodel', but the Sequential it is loaded into expects 'sequential'"
+    )
+    with pytest.raises(GGUFFileError, match=message):
         gguf_plugin.load(path, other)
 
 

@@ -12,7 +12,7 @@ original checkpoints, not under diffusers' names:
   (shift, scale) where diffusers has (scale, shift).
 
 ``general.architecture`` is then "sd1", "sdxl" or "flux", the values ComfyUI-GGUF's loader accepts.
-stable-diffusion.cpp reads no architecture key and tells the model from its tensor names.
+stable-diffusion.cpp reads no architecture key and identifies the model by its tensor names.
 
 Fusing and splitting run along the first (output) dimension. A packed weight is stored as rows of whole
 blocks, so cutting or joining it along that dimension moves packed rows and never requantizes.
@@ -166,7 +166,7 @@ _FLUX_SINGLE = {
     "attn.norm_k.weight": "norm.key_norm.scale",
 }
 _FLUX_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
-# BFL's final modulation holds (shift, scale); diffusers' AdaLayerNormContinuous holds (scale, shift).
+# BFL's final modulation stores (shift, scale), but diffusers' AdaLayerNormContinuous stores (scale, shift).
 _FLUX_SWAPPED = "final_layer.adaLN_modulation.1."
 
 
@@ -218,7 +218,7 @@ def architecture_of(model_class: str, config: Mapping) -> str | None:
 
 
 def detect_architecture(names: Iterable[str]) -> str | None:
-    """Tell the architecture from tensor names, for files without ``general.architecture``."""
+    """Detect the architecture from tensor names, for files without ``general.architecture``."""
     names = {name.removeprefix(LDM_PREFIX) for name in names}
     if any(name.startswith("double_blocks.") for name in names):
         return "flux"
@@ -242,9 +242,9 @@ def check_architecture(path, found: str | None, model_class: str, config: Mappin
             f"(as {diffusers_value!r}) for a file with diffusers tensor names"
         )
     if found not in (expected, diffusers_value):
-        wanted = " or ".join(repr(value) for value in (expected, diffusers_value) if value)
+        accepted = " or ".join(repr(value) for value in (expected, diffusers_value) if value)
         raise GGUFFileError(
-            f"{path}: general.architecture is {found!r}, but the {model_class} it is loaded into expects {wanted}"
+            f"{path}: general.architecture is {found!r}, but the {model_class} it is loaded into expects {accepted}"
         )
     return found
 
