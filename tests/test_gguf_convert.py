@@ -466,6 +466,8 @@ def _write_community_file(model, kind: str, path, prefix: str = "", architecture
             writer.add_array(ORIGINAL_SHAPE_KEY + prefix + tensor.name, shape)
         writer.add_tensor(prefix + tensor.name, data, raw_dtype=qtype)
         stored.append(GGUFTensor(tensor.name, "F32", tensor.shape, values))
+    if prefix:  # a whole checkpoint, as stable-diffusion.cpp writes it, also contains the VAE
+        writer.add_tensor("first_stage_model.decoder.conv_in.bias", np.zeros(512, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -388,9 +388,21 @@ def from_original(
     ``shapes`` maps the model's tensor names to their shapes; fused rows are split by them. Tensors of
     the file that match none of the model's are returned under their own names, so the caller reports
     them with the other unknown tensors. A file whose names are already the model's is returned as is.
+
+    In a whole checkpoint (stable-diffusion.cpp writes the VAE and text encoders into the same file),
+    only the tensors under ``model.diffusion_model.`` are read.
     """
-    if tensors and all(tensor.name.startswith(LDM_PREFIX) for tensor in tensors):
-        tensors = [GGUFTensor(t.name.removeprefix(LDM_PREFIX), t.type_name, t.shape, t.data) for t in tensors]
+    prefixed = [tensor for tensor in tensors if tensor.name.startswith(LDM_PREFIX)]
+    if prefixed:
+        if len(prefixed) < len(tensors):
+            logger.info(
+                "%s: reading the %d tensors under %r, ignoring %d others (VAE, text encoders)",
+                path,
+                len(prefixed),
+                LDM_PREFIX,
+                len(tensors) - len(prefixed),
+            )
+        tensors = [GGUFTensor(t.name.removeprefix(LDM_PREFIX), t.type_name, t.shape, t.data) for t in prefixed]
     rules = name_rules(architecture, config, shapes)
     file_names = {part: rule.original for rule in rules for part in rule.parts}
     if all(tensor.name in shapes for tensor in tensors):
