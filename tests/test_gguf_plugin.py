@@ -64,7 +64,10 @@ def test_load_rejects_other_model(quantized, tmp_path):
     unet, report = quantized
     path = gguf_plugin.save(unet, report, GGUFOptions(qtype="Q4_1"), tmp_path / "unet.gguf")
     other = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(GGUFFileError, match="tensor '.*' does not exist in the Sequential it is loaded into"):
+    message = (
+        "general.architecture is 'unet2dconditionmodel', but the Sequential it is loaded into expects 'sequential'"
+    )
+    with pytest.raises(GGUFFileError, match=message):
         gguf_plugin.load(path, other)
 
 
@@ -73,7 +76,9 @@ def test_load_rejects_missing_tensors(embedded, tmp_path):
 
     bias = embedded.denoiser.conv_in.bias.detach().numpy()
     path = tmp_path / "partial.gguf"
-    gguf_format.write_file(path, "test", [gguf_format.GGUFTensor("conv_in.bias", "F32", bias.shape, bias)], {})
+    gguf_format.write_file(
+        path, "unet2dconditionmodel", [gguf_format.GGUFTensor("conv_in.bias", "F32", bias.shape, bias)], {}
+    )
     with pytest.raises(GGUFFileError, match=r"tensors of the model are missing: .* and \d+ more"):
         gguf_plugin.load(path, copy.deepcopy(embedded.denoiser))
 
@@ -83,7 +88,9 @@ def test_load_rejects_wrong_shape(embedded, tmp_path):
 
     wrong = np.zeros((7,), dtype=np.float32)
     path = tmp_path / "wrong.gguf"
-    gguf_format.write_file(path, "test", [gguf_format.GGUFTensor("conv_in.bias", "F32", (7,), wrong)], {})
+    gguf_format.write_file(
+        path, "unet2dconditionmodel", [gguf_format.GGUFTensor("conv_in.bias", "F32", (7,), wrong)], {}
+    )
     with pytest.raises(GGUFFileError, match=r"tensor 'conv_in.bias' has shape \(7,\), expected \(32,\)"):
         gguf_plugin.load(path, copy.deepcopy(embedded.denoiser))
 

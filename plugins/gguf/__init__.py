@@ -8,7 +8,9 @@ layers, and layers on the keep list stay in full precision and are reported.
 """
 
 import json
+import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,18 @@ from torch import nn
 from plugins.base import Plugin, PluginOptions, Progress, QuantizeReport, option
 from plugins.gguf.recipes import RECIPES, is_full_precision_layer
 from quant.formats import gguf as gguf_format
-from quant.layers import QUANTIZABLE, QuantizedLayer, SkipLayer, SwapReport, replace_module, swap_layers
+from quant.formats import gguf_names
+from quant.layers import (
+    QUANTIZABLE,
+    QuantizedLayer,
+    SkipLayer,
+    SwapReport,
+    replace_module,
+    swap_layers,
+    weight_bytes,
+)
+
+logger = logging.getLogger(__name__)
 
 QTYPES = tuple(RECIPES)
 FLOAT_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
@@ -87,14 +100,21 @@ class GGUFPlugin(Plugin):
         return part, QuantizeReport.from_swap(self.id, options, swap, time.perf_counter() - started)
 
     def save(self, part: nn.Module, report: QuantizeReport, options: GGUFOptions, path: Path) -> Path:
-        """Write the whole part: packed weights in their block type, every other tensor in F32 or F16."""
+        """Write the whole part: packed weights in their block type, every other tensor in F32 or F16.
+
+        SD1.x/SDXL UNets and FLUX transformers are written under the original checkpoint's tensor
+        names with ``general.architecture`` "sd1", "sdxl" or "flux", as ComfyUI-GGUF reads them.
+        Other models keep diffusers names, and their architecture is the class name in lowercase.
+        ``lowbit.tensor_names`` records which names the file uses.
+
+        Packed convolution weights are rows of ``in * kh * kw`` values, with their shape in
+        ``comfy.gguf.orig_shape.<name>``. ComfyUI-GGUF reads them, but diffusers 0.42 does not,
+        because it loads packed ``nn.Linear`` weights only.
+        """
         tensors = []
         for name, module in part.named_modules():
             if isinstance(module, QuantizedLayer):
-                data = module.qweight.cpu().numpy().reshape(module.weight_shape[0], -1)
-                tensors.append(
-                    gguf_format.GGUFTensor(f"{name}.weight", module.weight_format.name, module.weight_shape, data)
-                )
+                tensors.append(_packed_tensor(f"{name}.weight", module))
         for name, tensor in part.state_dict().items():
             if name.endswith(".qweight"):
                 continue
@@ -103,59 +123,94 @@ class GGUFPlugin(Plugin):
             tensors.append(
                 gguf_format.GGUFTensor(name, "F32" if dtype is np.float32 else "F16", tuple(data.shape), data)
             )
+
         # _name_or_path is where the model was loaded from on this machine, not part of the model.
         config = {key: value for key, value in dict(getattr(part, "config", {})).items() if key != "_name_or_path"}
+        architecture = gguf_names.architecture_of(type(part).__name__, config)
+        path = Path(path)
+        if architecture:
+            try:
+                tensors = gguf_names.to_original(tensors, architecture, config)
+            except ValueError as error:
+                raise ValueError(f"cannot write {path} with {architecture} tensor names: {error}") from error
+            naming = gguf_names.ORIGINAL_NAMES
+        else:
+            architecture, naming = type(part).__name__.lower(), gguf_names.DIFFUSERS_NAMES
         metadata = {
             "lowbit.plugin": self.id,
             "lowbit.options": options.to_json(),
             "lowbit.model_class": type(part).__name__,
             "lowbit.model_config": json.dumps(config, default=str, sort_keys=True),
+            "lowbit.tensor_names": naming,
         }
-        # TODO(gguf): tensor names and general.architecture follow diffusers, not the original
-        # checkpoint names that ComfyUI-GGUF and stable-diffusion.cpp expect.
-        path = Path(path)
-        gguf_format.write_file(path, type(part).__name__.lower(), tensors, metadata)
+        gguf_format.write_file(path, architecture, tensors, metadata)
         return path
 
     def load(self, path: Path, base_part: nn.Module) -> tuple[nn.Module, QuantizeReport]:
-        """Load a .gguf file into ``base_part`` (changed in place), checking every tensor against it."""
+        """Load a .gguf file into ``base_part`` (changed in place), checking every tensor against it.
+
+        Files with original checkpoint names (ours, ComfyUI-GGUF's, stable-diffusion.cpp's with the
+        ``model.diffusion_model.`` prefix) are renamed and their fused rows split. A file without
+        ``general.architecture`` is recognised by its tensor names.
+        """
         started = time.perf_counter()
         metadata, tensors = gguf_format.read_file(path)
+        model_class = type(base_part).__name__
+        config = dict(getattr(base_part, "config", {}))
         expected = base_part.state_dict()
         modules = dict(base_part.named_modules())
         compute_dtype = _compute_dtype(base_part)
-        swap, seen, qtypes = SwapReport(), set(), set()
+        stored_types = Counter(tensor.type_name for tensor in tensors)
 
+        found = metadata.get("general.architecture")
+        if found is None:
+            found = gguf_names.detect_architecture(tensor.name for tensor in tensors)
+            if found is None:
+                raise gguf_format.GGUFFileError(
+                    f"{path}: the file has no general.architecture and its tensor names match none of "
+                    f"{', '.join(gguf_names.ARCHITECTURES)}"
+                )
+        architecture = gguf_names.check_architecture(path, found, model_class, config)
+        file_names = {name: name for name in expected}
+        if architecture in gguf_names.ARCHITECTURES:
+            shapes = {name: tuple(tensor.shape) for name, tensor in expected.items()}
+            converted = gguf_names.from_original(path, tensors, architecture, config, shapes)
+            tensors, file_names = converted.tensors, converted.file_names
+
+        def label(name: str) -> str:
+            file_name = file_names.get(name, name)
+            return repr(name) if file_name == name else f"{file_name!r} ({name})"
+
+        # A quantized layer copies its module's bias when it is built, so biases load before weights.
+        tensors = sorted(tensors, key=lambda tensor: tensor.type_name in gguf_format.BLOCK_TYPES)
+        swap, seen, qtypes = SwapReport(), set(), Counter()
         for tensor in tensors:
             if tensor.name not in expected:
                 raise gguf_format.GGUFFileError(
-                    f"{path}: tensor {tensor.name!r} does not exist in the {type(base_part).__name__} it is loaded into"
+                    f"{path}: tensor {tensor.name!r} does not exist in the {model_class} it is loaded into"
                 )
             target = expected[tensor.name]
-            if tuple(target.shape) != tensor.shape:
-                raise gguf_format.GGUFFileError(
-                    f"{path}: tensor {tensor.name!r} has shape {tensor.shape}, expected {tuple(target.shape)}"
-                )
+            _check_shape(path, label(tensor.name), tensor.shape, tuple(target.shape))
             seen.add(tensor.name)
             if tensor.type_name in gguf_format.BLOCK_TYPES:
                 layer_name = tensor.name.removesuffix(".weight")
                 module = modules.get(layer_name)
                 if type(module) not in QUANTIZABLE:
                     raise gguf_format.GGUFFileError(
-                        f"{path}: tensor {tensor.name!r} is {tensor.type_name} but {layer_name!r} is not a linear "
-                        "or convolution layer"
+                        f"{path}: tensor {label(tensor.name)} is {tensor.type_name} but {layer_name!r} is not a "
+                        "linear or convolution layer"
                     )
-                qweight = torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).to(target.device)
+                qweight = _packed_rows(tensor).to(target.device)
                 layer = QUANTIZABLE[type(module)](module, qweight, GGUFWeightFormat(tensor.type_name), compute_dtype)
                 replace_module(base_part, layer_name, layer)
                 swap.quantized.append(layer_name)
                 swap.bytes_before += target.numel() * target.element_size()
                 swap.bytes_after += qweight.numel()
                 swap.values += target.numel()
-                qtypes.add(tensor.type_name)
+                qtypes[tensor.type_name] += 1
             else:
                 with torch.no_grad():
-                    target.copy_(torch.from_numpy(np.array(tensor.data)).reshape(target.shape))
+                    target.copy_(gguf_names.float_values(tensor).reshape(target.shape))
                 module = modules.get(tensor.name.removesuffix(".weight"))
                 if tensor.name.endswith(".weight") and type(module) in QUANTIZABLE:
                     swap.skipped.append(
@@ -164,13 +219,60 @@ class GGUFPlugin(Plugin):
 
         missing = sorted(set(expected) - seen)
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise gguf_format.GGUFFileError(f"{path}: {len(missing)} tensors of the model are missing: {shown}")
+            listed = ", ".join(label(name) for name in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise gguf_format.GGUFFileError(f"{path}: {len(missing)} tensors of the model are missing: {listed}{more}")
 
+        logger.info(
+            "loaded %s (%s, %s names): %s; %.2f bits per quantized weight, %.1f MB resident",
+            path,
+            architecture,
+            metadata.get("lowbit.tensor_names")
+            or (gguf_names.ORIGINAL_NAMES if architecture in gguf_names.ARCHITECTURES else gguf_names.DIFFUSERS_NAMES),
+            ", ".join(f"{count} {type_name}" for type_name, count in stored_types.most_common()),
+            swap.bits_per_weight,
+            weight_bytes(base_part) / 1e6,
+        )
         stored = gguf_format.metadata_json(metadata, "lowbit.options")
-        qtype = stored.get("qtype") or (sorted(qtypes)[0] if qtypes else "Q8_0")
+        qtype = stored.get("qtype") or (qtypes.most_common(1)[0][0] if qtypes else "Q8_0")
         options = GGUFOptions.from_dict({"qtype": qtype, "keep": stored.get("keep", ())})
         return base_part, QuantizeReport.from_swap(self.id, options, swap, time.perf_counter() - started)
+
+
+def _packed_tensor(name: str, layer: QuantizedLayer) -> gguf_format.GGUFTensor:
+    """Return a packed layer weight as rows of ``in * kh * kw`` values, or one block a row when they do not fit."""
+    # TODO(gguf): write_file records the original shape of non-2-D weights only, so a 2-D weight with
+    # rows that are not whole blocks (possible with 256-value K-quant blocks) would be read back wrongly.
+    qtype = layer.weight_format.name
+    kind = gguf_format.block_type(qtype)
+    rows = layer.weight_shape[0] if gguf_format.row_length(layer.weight_shape) % kind.block_size == 0 else -1
+    data = layer.qweight.cpu().numpy().reshape(rows, -1 if rows != -1 else kind.type_size)
+    return gguf_format.GGUFTensor(name, qtype, layer.weight_shape, data)
+
+
+def _packed_rows(tensor: gguf_format.GGUFTensor) -> torch.Tensor:
+    """Return the blocks of a file tensor as uint8 [rows, row_bytes], or [blocks, block_bytes] when rows do not fit."""
+    kind = gguf_format.block_type(tensor.type_name)
+    data = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))
+    if gguf_format.row_length(tensor.shape) % kind.block_size == 0:
+        return data.reshape(tensor.shape[0], -1)
+    return data.reshape(-1, kind.type_size)
+
+
+def _check_shape(path: Path, label: str, found: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    """Raise unless a file tensor's shape is the model's, up to size-1 dimensions.
+
+    Size-1 dimensions may differ because they do not change the order of the values. So a 1x1
+    convolution may be stored as a 2-D [out, in] weight, and a linear weight as [out, in, 1, 1].
+    stable-diffusion.cpp stores SDXL's proj_in and proj_out that way. Any other reshape is an error.
+    """
+    if found == expected:
+        return
+    same_count = int(np.prod(found)) == int(np.prod(expected))
+    if same_count and [n for n in found if n != 1] == [n for n in expected if n != 1]:
+        return
+    detail = "; it holds as many values, but only size-1 dimensions may differ" if same_count else ""
+    raise gguf_format.GGUFFileError(f"{path}: tensor {label} has shape {found}, expected {expected}{detail}")
 
 
 def _compute_dtype(part: nn.Module) -> torch.dtype:
