@@ -111,10 +111,13 @@ class QuantizeReport:
     seconds: float
 
     @classmethod
-    def from_swap(cls, plugin: str, options: "PluginOptions", swap: SwapReport, seconds: float) -> "QuantizeReport":
+    def from_swap(
+        cls, plugin: str, options: "PluginOptions | dict", swap: SwapReport, seconds: float
+    ) -> "QuantizeReport":
+        """Build a report; ``options`` may be a plain dict when a loaded file names a type no option allows."""
         return cls(
             plugin,
-            options.to_dict(),
+            options.to_dict() if isinstance(options, PluginOptions) else dict(options),
             len(swap.quantized),
             swap.skipped,
             swap.bits_per_weight,

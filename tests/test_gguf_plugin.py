@@ -9,6 +9,7 @@ import torch
 
 from plugins.gguf import GGUFOptions
 from plugins.gguf import plugin as gguf_plugin
+from quant.formats import gguf as gguf_format
 from quant.formats.gguf import GGUFFileError
 from quant.layers import QuantizedLayer
 
@@ -116,3 +117,63 @@ def test_mix_gives_attention_higher_type(embedded):
     assert {types[name] for name in upgraded} == {"Q6_K"}
     assert {types[name] for name in set(types) - set(upgraded)} == {"Q4_K"}
     assert 4.5 < report.bits_per_weight < 6.5625
+
+
+@pytest.mark.parametrize("qtype", gguf_format.PACKABLE_TYPES)
+def test_every_type_round_trips(embedded, qtype, tmp_path):
+    options = GGUFOptions(qtype=qtype)
+    unet, report = gguf_plugin.quantize(copy.deepcopy(embedded.denoiser), options)
+    path = gguf_plugin.save(unet, report, options, tmp_path / f"{qtype}.gguf")
+
+    layers = {name: module for name, module in unet.named_modules() if isinstance(module, QuantizedLayer)}
+    by_name = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
+    for name, layer in layers.items():
+        tensor = by_name[f"{name}.weight"]
+        assert tensor.tensor_type.name == qtype, name
+        reference = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)
+        ours = layer.dequantize(torch.float32).reshape(-1).numpy()
+        assert np.array_equal(ours.view(np.uint32), reference.view(np.uint32)), name
+
+    loaded, _ = gguf_plugin.load(path, copy.deepcopy(embedded.denoiser))
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(sample, 500, text).sample, unet(sample, 500, text).sample)
+
+
+def test_foreign_types_in_one_file_load(embedded, tmp_path):
+    """A file mixing types we do not write (IQ4_NL, IQ4_XS) with Q4_K, Q8_0, F16 and F32 loads exactly."""
+    from quant.formats import ggml
+
+    unet = copy.deepcopy(embedded.denoiser)
+    state = {name: tensor.detach().numpy() for name, tensor in unet.state_dict().items()}
+    cycle = ["IQ4_NL", "IQ4_XS", "Q4_K", "Q8_0", "F16"]
+    writer = gguf.GGUFWriter(tmp_path / "mixed.gguf", "unet2dconditionmodel")
+    expected, used = {}, []
+    for index, (name, values) in enumerate(state.items()):
+        qtype = cycle[index % len(cycle)]
+        if values.ndim < 2 or values.size % 256 or qtype == "F16":
+            data = values.astype(np.float16) if values.ndim >= 2 else values
+            writer.add_tensor(name, data)
+            expected[name] = data.astype(np.float32)
+            continue
+        rows = values.reshape(-1, 256)
+        blocks = ggml.quantize_rows(rows, gguf.GGMLQuantizationType[qtype])
+        writer.add_array(gguf_format.ORIGINAL_SHAPE_KEY + name, list(values.shape))
+        writer.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType[qtype])
+        expected[name] = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]).reshape(values.shape)
+        used.append(qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert {"IQ4_NL", "IQ4_XS", "Q4_K", "Q8_0"} <= set(used)
+
+    loaded, report = gguf_plugin.load(tmp_path / "mixed.gguf", copy.deepcopy(embedded.denoiser))
+    assert report.layers_quantized == len(used)
+    reference = copy.deepcopy(embedded.denoiser)
+    reference.load_state_dict({name: torch.from_numpy(values) for name, values in expected.items()})
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(loaded(sample, 500, text).sample, reference(sample, 500, text).sample, atol=1e-5)

@@ -233,21 +233,18 @@ class GGUFPlugin(Plugin):
             swap.bits_per_weight,
             weight_bytes(base_part) / 1e6,
         )
+        # Files from other converters have no options; their most common block type names them.
         stored = gguf_format.metadata_json(metadata, "lowbit.options")
         qtype = stored.get("qtype") or (qtypes.most_common(1)[0][0] if qtypes else "Q8_0")
-        options = GGUFOptions.from_dict({"qtype": qtype, "keep": stored.get("keep", ())})
+        options = {"qtype": qtype, "keep": list(stored.get("keep", ())), "quantize_io": stored.get("quantize_io")}
         return base_part, QuantizeReport.from_swap(self.id, options, swap, time.perf_counter() - started)
 
 
 def _packed_tensor(name: str, layer: QuantizedLayer) -> gguf_format.GGUFTensor:
-    """Return a packed layer weight as rows of ``in * kh * kw`` values, or one block a row when they do not fit."""
-    # TODO(gguf): write_file records the original shape of non-2-D weights only, so a 2-D weight with
-    # rows that are not whole blocks (possible with 256-value K-quant blocks) would be read back wrongly.
+    """Return a packed layer weight in the rows ``gguf_format.pack`` made; the writer records other shapes."""
     qtype = layer.weight_format.name
-    kind = gguf_format.block_type(qtype)
-    rows = layer.weight_shape[0] if gguf_format.row_length(layer.weight_shape) % kind.block_size == 0 else -1
-    data = layer.qweight.cpu().numpy().reshape(rows, -1 if rows != -1 else kind.type_size)
-    return gguf_format.GGUFTensor(name, qtype, layer.weight_shape, data)
+    rows, _ = gguf_format.pack_rows(layer.weight_shape, qtype)
+    return gguf_format.GGUFTensor(name, qtype, layer.weight_shape, layer.qweight.cpu().numpy().reshape(rows, -1))
 
 
 def _packed_rows(tensor: gguf_format.GGUFTensor) -> torch.Tensor:
