@@ -142,7 +142,7 @@ def command_generate(args, registry) -> int:
 
 
 def command_quantize(args, registry) -> int:
-    from plugins.studio import prepare
+    from plugins.studio import estimate, quantize_to_file
     from quant.runtime import PipelineCache, resolve_source
 
     plugin, options = _plugin_and_options(args, registry)
@@ -156,9 +156,11 @@ def command_quantize(args, registry) -> int:
         raise UsageError(f"--out must end in {plugin.file_suffix} for plugin {plugin.id!r}, got {args.out!r}")
     resolve_source(args.model)
     dtype = _dtype(args.dtype)
+    cache = PipelineCache()
+    for label, value in estimate(cache, args.model, plugin, options, dtype).items():
+        print(f"{label}: {value}")
     with _progress_bar("load and quantize") as update:
-        loaded, report = prepare(PipelineCache(), args.model, plugin, options, None, update, dtype)
-    plugin.save(loaded.denoiser, report, options, out)
+        report = quantize_to_file(cache, args.model, plugin, options, out, update, dtype)
     print(report.summary())
     print(f"saved: {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0

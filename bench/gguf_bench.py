@@ -1,12 +1,21 @@
-"""Benchmark GGUF block types against full precision on the embedded model and a full-size SD1.5 UNet.
+"""Benchmark GGUF files: our loader, diffusers' GGUF loader and full precision, on the same files and inputs.
 
-    python -m bench.gguf_bench                 # both, writes bench/RESULTS.md
+    python -m bench.gguf_bench                 # both models, writes bench/RESULTS.md
     python -m bench.gguf_bench --only embedded
 
-Every variant runs in a fresh process, so peak memory belongs to that variant alone. The columns are
-weight bytes resident (all pipeline components, or the UNet alone for SD1.5), bits per quantized
-weight, seconds per denoising step and peak process RSS. On the embedded model they add the prompt
-adherence over the fixed 90-prompt set, and PSNR and SSIM against full precision on the same seeds.
+For each type (Q8_0, Q4_K, Q4_0) the benchmark writes two files of one model:
+
+- "linear": every linear layer quantized, convolutions kept in F32. diffusers 0.42 runs packed
+  ``nn.Linear`` weights only, so this is the file both loaders read, side by side.
+- "all": our default, convolutions quantized too. Only our loader reads it.
+
+Each row loads one file in a fresh process, so its peak memory is its own. Our loader runs with
+ggml's C dequantizers (the default on the CPU) and, on the embedded model, also with the PyTorch
+dequantizers that GPUs use. The columns are weight bytes resident in the UNet, seconds per step,
+the step time against full precision, and the peak process RSS during the steps. On the embedded
+model they add the prompt adherence over the fixed 90-prompt set and PSNR and SSIM against full
+precision on the same seeds. Every row computes in float32, the compute dtype the device probe
+picks on CPUs without AVX512-BF16 or AMX.
 """
 
 import argparse
@@ -25,137 +34,226 @@ import torch
 from quant.runtime import PeakMemory
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("full", "Q8_0", "Q5_1", "Q4_0")
-# The embedded model also runs in bfloat16, to measure what that compute dtype costs in quality.
-EMBEDDED_VARIANTS = ("full", "full-bf16", *VARIANTS[1:])
 RESULTS = ROOT / "bench" / "RESULTS.md"
+QTYPES = ("Q8_0", "Q4_K", "Q4_0")
+# (file layout, loader, CPU dequantizer) of each quantized row.
+LOADERS = {
+    "embedded": [
+        ("linear", "ours", "ggml"),
+        ("linear", "diffusers", None),
+        ("all", "ours", "ggml"),
+        ("all", "ours", "torch"),
+    ],
+    "sd15": [("linear", "ours", "ggml"), ("linear", "diffusers", None), ("all", "ours", "ggml")],
+}
+SD15_STEPS = 3
 
 
-def _quantize(part: torch.nn.Module, variant: str):
-    from plugins.gguf import GGUFOptions, plugin
-
-    if variant.startswith("full"):
-        return part, 8.0 * next(part.parameters()).element_size()
-    part, report = plugin.quantize(part, GGUFOptions(qtype=variant))
-    return part, report.bits_per_weight
+# ---------------------------------------------------------------- models and files
 
 
-def run_embedded(variant: str, out: Path) -> dict:
-    from models.shapes import grammar
-    from quant.layers import weight_bytes
-    from quant.runtime import GenerationRequest, PipelineCache, generate, generate_many, pipeline_weight_bytes
+def _embedded_unet() -> torch.nn.Module:
+    from quant.runtime import load_pipeline
 
-    loaded = PipelineCache().get(None, torch.bfloat16 if variant == "full-bf16" else torch.float32)
-    loaded.pipeline.unet, bits = _quantize(loaded.pipeline.unet, variant)
-
-    pairs = grammar.adherence_prompts()
-    prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
-    with PeakMemory("cpu") as memory:
-        images = generate_many(loaded, prompts, seeds)
-        times = []
-        for seed in range(5):
-            result = generate(loaded, GenerationRequest(prompt=prompts[seed], seed=seed))
-            times.append(result.seconds)
-    arrays = np.stack([np.asarray(image) for image in images])
-    np.save(out.with_suffix(".npy"), arrays)
-    return {
-        "variant": variant,
-        "weight_bytes": pipeline_weight_bytes(loaded.pipeline),
-        "unet_bytes": weight_bytes(loaded.pipeline.unet),
-        "bits_per_weight": bits,
-        "seconds_per_image": statistics.median(times),
-        "seconds_per_step": statistics.median(times) / 20,
-        "peak_rss": memory.peak,
-        "adherence": grammar.adherence(list(arrays), prompts),
-    }
+    return load_pipeline(None, dtype=torch.float32, device="cpu").pipeline.unet
 
 
-def run_sd15(variant: str, out: Path, steps: int = 3) -> dict:
+def _sd15_unet() -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
-
-    from quant.layers import weight_bytes
 
     torch.manual_seed(0)
     # The SD1.5 UNet: diffusers' defaults are its architecture, with 768-wide text conditioning.
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()
     for parameter in unet.parameters():  # random weights at the scale of trained ones
         torch.nn.init.normal_(parameter, std=0.02)
-    started = time.perf_counter()
-    unet, bits = _quantize(unet, variant)
-    quantize_seconds = time.perf_counter() - started
-    latents = torch.randn(2, 4, 64, 64)  # batch 2: classifier-free guidance at 512 x 512 pixels
-    text = torch.randn(2, 77, 768)
-    times = []
-    with torch.inference_mode(), PeakMemory("cpu") as memory:
-        for step in range(steps):
+    return unet
+
+
+def _base(model: str) -> torch.nn.Module:
+    return _embedded_unet() if model == "embedded" else _sd15_unet()
+
+
+def write_files(model: str, folder: Path) -> dict:
+    """Quantize ``model`` to every type and layout, save the files and the model's config; return timings."""
+    from plugins.gguf import GGUFOptions, plugin
+
+    unet = _base(model)
+    unet.save_config(folder / f"{model}-config")
+    convolutions = tuple(name for name, module in unet.named_modules() if isinstance(module, torch.nn.Conv2d))
+    seconds = {}
+    for qtype in QTYPES:
+        for layout, keep in (("linear", convolutions), ("all", ())):
+            options = GGUFOptions(qtype=qtype, keep=keep)
             started = time.perf_counter()
-            unet(latents, 999 - step, text)
-            times.append(time.perf_counter() - started)
+            quantized, report = plugin.quantize(_base(model), options)
+            seconds[f"{qtype}-{layout}"] = time.perf_counter() - started
+            plugin.save(quantized, report, options, folder / f"{model}-{qtype}-{layout}.gguf")
+            del quantized
+    return seconds
+
+
+def _load(model: str, qtype: str, layout: str, loader: str, folder: Path) -> tuple[torch.nn.Module, float]:
+    """Load one file with one loader; return the UNet and its bits per quantized weight."""
+    path = folder / f"{model}-{qtype}-{layout}.gguf"
+    if loader == "ours":
+        from plugins.gguf import plugin
+
+        unet, report = plugin.load(path, _base(model))
+        return unet, report.bits_per_weight
+
+    from diffusers import GGUFQuantizationConfig, UNet2DConditionModel
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    from quant.formats import gguf_names
+
+    checkpoint = load_gguf_checkpoint(str(path))
+    if model == "sd15":  # diffusers' LDM converter reads only names under this prefix
+        checkpoint = {gguf_names.LDM_PREFIX + name: value for name, value in checkpoint.items()}
+    unet = UNet2DConditionModel.from_single_file(
+        checkpoint,
+        config=str(folder / f"{model}-config"),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+        local_files_only=True,
+    )
+    packed = [value for value in checkpoint.values() if hasattr(value, "quant_type")]
+    values = sum(module.weight.numel() for module in unet.modules() if type(module).__name__ == "GGUFLinear")
+    bits = 8 * sum(value.numel() for value in packed) / values if values else 0.0
+    return unet.eval(), bits
+
+
+# ---------------------------------------------------------------- one row, in its own process
+
+
+def run_row(model: str, variant: str, folder: Path) -> dict:
+    from quant.layers import weight_bytes
+
+    if variant == "full":
+        unet, bits = _base(model), 32.0
+    else:
+        qtype, layout, loader, dequantizer = variant.split("/")
+        try:
+            unet, bits = _load(model, qtype, layout, loader, folder)
+        except (ValueError, RuntimeError, KeyError) as error:
+            if loader != "diffusers":
+                raise
+            return {"variant": variant, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+    row = {"variant": variant, "unet_bytes": weight_bytes(unet), "bits_per_weight": bits}
+    if model == "embedded":
+        row |= _run_embedded(unet, folder / f"embedded-{variant.replace('/', '-')}.npy")
+    else:
+        row |= _run_sd15(unet)
+    return row
+
+
+def _run_embedded(unet: torch.nn.Module, images_path: Path) -> dict:
+    from models.shapes import grammar
+    from quant.runtime import GenerationRequest, PipelineCache, generate, generate_many
+
+    loaded = PipelineCache().get(None, torch.float32)
+    loaded.pipeline.unet = unet
+    pairs = grammar.adherence_prompts()
+    prompts, seeds = [prompt for prompt, _ in pairs], [seed for _, seed in pairs]
+    images = generate_many(loaded, prompts, seeds)
+    times = []
+    with PeakMemory("cpu") as memory:
+        for seed in range(5):
+            times.append(generate(loaded, GenerationRequest(prompt=prompts[seed], seed=seed)).seconds)
+    arrays = np.stack([np.asarray(image) for image in images])
+    np.save(images_path, arrays)
     return {
-        "variant": variant,
-        "weight_bytes": weight_bytes(unet),
-        "bits_per_weight": bits,
-        "seconds_per_step": statistics.median(times),
+        "seconds_per_step": statistics.median(times) / 20,
         "peak_rss": memory.peak,
-        "quantize_seconds": quantize_seconds,
+        "adherence": grammar.adherence(list(arrays), prompts),
     }
 
 
-def _child(model: str, variant: str, out: Path) -> dict:
+def _run_sd15(unet: torch.nn.Module) -> dict:
+    latents = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(1))  # guidance batch, 512 px
+    text = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(2))
+    times = []
+    with torch.inference_mode(), PeakMemory("cpu") as memory:
+        for step in range(SD15_STEPS):
+            started = time.perf_counter()
+            output = unet(latents, 999 - step, text).sample
+            times.append(time.perf_counter() - started)
+    return {
+        "seconds_per_step": statistics.median(times),
+        "peak_rss": memory.peak,
+        "checksum": float(output.abs().mean()),
+    }
+
+
+def _child(args: list[str], out: Path, env: dict | None = None) -> dict:
     result = subprocess.run(
-        [sys.executable, "-m", "bench.gguf_bench", "--child", model, variant, str(out)],
+        [sys.executable, "-m", "bench.gguf_bench", "--child", *args, str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     if result.returncode:
-        raise RuntimeError(f"{model} {variant} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return json.loads(out.read_text())
 
 
-def _quality(folder: Path) -> dict[str, tuple[float, float]]:
+# ---------------------------------------------------------------- tables
+
+
+def _variants(model: str) -> list[str]:
+    rows = ["full"]
+    for qtype in QTYPES:
+        rows += [f"{qtype}/{layout}/{loader}/{dequantizer}" for layout, loader, dequantizer in LOADERS[model]]
+    return rows
+
+
+def _label(variant: str) -> tuple[str, str]:
+    """Return the file and loader columns of a row."""
+    if variant == "full":
+        return "full precision", ""
+    qtype, layout, loader, dequantizer = variant.split("/")
+    convolutions = "convolutions F32" if layout == "linear" else "convolutions quantized"
+    return f"{qtype}, {convolutions}", "diffusers" if loader == "diffusers" else f"ours, {dequantizer} dequantizer"
+
+
+def _quality(rows: list[dict], folder: Path) -> None:
     from quant.metrics import psnr, ssim
 
     reference = np.load(folder / "embedded-full.npy")
-    scores = {}
-    for variant in EMBEDDED_VARIANTS:
-        images = np.load(folder / f"embedded-{variant}.npy")
-        scores[variant] = (
-            statistics.mean(min(psnr(a, b), 99.0) for a, b in zip(reference, images)),
-            statistics.mean(ssim(a, b) for a, b in zip(reference, images)),
-        )
-    return scores
-
-
-def _table(rows: list[dict], embedded: bool, quality: dict | None) -> str:
-    baseline = rows[0]
-    if embedded:
-        lines = [
-            "| variant | weight bytes (pipeline) | UNet bytes | bits per weight | s per image | s per step | "
-            "peak RSS | adherence | PSNR (dB) | SSIM |",
-            "|" + "---|" * 10,
-        ]
-    else:
-        lines = [
-            "| variant | UNet bytes | bits per weight | s per step | step time vs full | peak RSS | quantize time |",
-            "|" + "---|" * 7,
-        ]
     for row in rows:
-        if embedded:
-            p, s = quality[row["variant"]]
-            lines.append(
-                f"| {row['variant']} | {row['weight_bytes'] / 1e6:.2f} MB | {row['unet_bytes'] / 1e6:.2f} MB | "
-                f"{row['bits_per_weight']:.2f} | {row['seconds_per_image']:.3f} | "
-                f"{row['seconds_per_step'] * 1000:.1f} ms | "
-                f"{row['peak_rss'] / 2**20:.0f} MiB | {row['adherence']:.3f} | "
-                f"{'reference' if row['variant'] == 'full' else f'{p:.2f}'} | {s:.4f} |"
-            )
-        else:
-            lines.append(
-                f"| {row['variant']} | {row['weight_bytes'] / 1e9:.3f} GB | {row['bits_per_weight']:.2f} | "
-                f"{row['seconds_per_step']:.2f} | {row['seconds_per_step'] / baseline['seconds_per_step']:.2f}x | "
-                f"{row['peak_rss'] / 2**30:.2f} GiB | {row['quantize_seconds']:.0f} s |"
-            )
+        if "error" in row:
+            continue
+        images = np.load(folder / f"embedded-{row['variant'].replace('/', '-')}.npy")
+        row["psnr"] = statistics.mean(min(psnr(a, b), 99.0) for a, b in zip(reference, images))
+        row["ssim"] = statistics.mean(ssim(a, b) for a, b in zip(reference, images))
+
+
+def _table(model: str, rows: list[dict]) -> str:
+    full = rows[0]
+    by_variant = {row["variant"]: row for row in rows}
+    head = "| file | loader | UNet bytes | bits per weight | s per step | vs full | vs diffusers | peak RSS |"
+    if model == "embedded":
+        head += " adherence | PSNR (dB) | SSIM |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        file, loader = _label(row["variant"])
+        if "error" in row:
+            lines.append(f"| {file} | {loader} | cannot load the file: {row['error']} |")
+            continue
+        peer = None
+        if row["variant"] != "full":
+            peer = by_variant.get(row["variant"].split("/")[0] + "/linear/diffusers/None")
+        versus_peer = ""
+        if peer is not None and peer is not row and "error" not in peer:
+            versus_peer = f"{row['seconds_per_step'] / peer['seconds_per_step']:.2f}x"
+        line = (
+            f"| {file} | {loader} | {row['unet_bytes'] / 1e6:.1f} MB | {row['bits_per_weight']:.2f} | "
+            f"{row['seconds_per_step']:.3f} | {row['seconds_per_step'] / full['seconds_per_step']:.2f}x | "
+            f"{versus_peer} | {row['peak_rss'] / 2**20:.0f} MiB |"
+        )
+        if model == "embedded":
+            quality = "reference | 1.0000" if row["variant"] == "full" else f"{row['psnr']:.2f} | {row['ssim']:.4f}"
+            line += f" {row['adherence']:.3f} | {quality} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -171,33 +269,45 @@ def _previous_sections() -> dict[str, str]:
     return sections
 
 
+TITLES = {
+    "embedded": "Embedded shapes model, 20 steps, guidance 4, 90 prompts (seconds per step: median of 5 images / 20)",
+    "sd15": f"SD1.5 UNet (random weights), 512 x 512, batch 2, median of {SD15_STEPS} steps",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["embedded", "sd15"], help="run one model only")
-    parser.add_argument("--child", nargs=3, metavar=("MODEL", "VARIANT", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".work", help="folder for raw results")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".work", help="folder for files and raw results")
     args = parser.parse_args()
 
     if args.child:
-        model, variant, out = args.child
-        runner = run_embedded if model == "embedded" else run_sd15
-        Path(out).write_text(json.dumps(runner(variant, Path(out))))
+        *child_args, out = args.child
+        if child_args[0] == "files":
+            result = write_files(child_args[1], args.work)
+        else:
+            result = run_row(child_args[1], child_args[2], args.work)
+        Path(out).write_text(json.dumps(result))
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
     models = [args.only] if args.only else ["embedded", "sd15"]
     sections = _previous_sections() if args.only else {}
     for model in models:
-        variants = EMBEDDED_VARIANTS if model == "embedded" else VARIANTS
-        rows = [_child(model, variant, args.work / f"{model}-{variant}.json") for variant in variants]
-        quality = _quality(args.work) if model == "embedded" else None
-        title = (
-            "Embedded shapes model, 20 steps, guidance 4, 90 prompts"
-            if model == "embedded"
-            else "SD1.5-architecture UNet (random weights), 512 x 512, batch 2, median of 3 steps"
-        )
-        sections[title] = f"### {title}\n\n{_table(rows, model == 'embedded', quality)}\n"
-        print(sections[title], flush=True)
+        quantize_seconds = _child(["files", model], args.work / f"{model}-files.json")
+        rows = []
+        for variant in _variants(model):
+            dequantizer = variant.split("/")[-1] if variant != "full" else None
+            env = {"LOWBIT_GGUF_CPU_DEQUANTIZER": dequantizer} if dequantizer in ("ggml", "torch") else {}
+            out = args.work / f"{model}-{variant.replace('/', '-')}.json"
+            rows.append(_child(["row", model, variant], out, env))
+            print(model, variant, rows[-1].get("seconds_per_step", rows[-1].get("error")), flush=True)
+        if model == "embedded":
+            _quality(rows, args.work)
+        times = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in quantize_seconds.items())
+        sections[TITLES[model]] = f"### {TITLES[model]}\n\n{_table(model, rows)}\n\nQuantize times: {times}.\n"
+        print(sections[TITLES[model]], flush=True)
 
     cpu = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -205,7 +315,7 @@ def main() -> None:
     )
     header = (
         f"Measured with `python -m bench.gguf_bench` on {cpu}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, float32 compute unless the variant says bf16, {time.strftime('%Y-%m-%d')}.\n"
+        f"{torch.__version__}, float32 compute, {time.strftime('%Y-%m-%d')}.\n"
     )
     # The hand-written "## Notes" section of the previous results is kept below the new tables.
     notes = ""

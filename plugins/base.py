@@ -164,6 +164,10 @@ class Plugin(ABC):
     ) -> tuple[nn.Module, QuantizeReport]:
         """Quantize a model part and return it (it may be the same object, changed in place) with a report."""
 
+    def estimate_bytes(self, part: nn.Module, options: PluginOptions) -> int | None:
+        """Return the estimated size in bytes of the artefact ``save`` writes, or None when unknown."""
+        return None
+
     def save(self, part: nn.Module, report: QuantizeReport, options: PluginOptions, path: Path) -> Path:
         raise NotImplementedError(f"plugin {self.id!r} has no artefact to save")
 

@@ -222,3 +222,51 @@ def save_images(finished: Run, folder: Path, enlarge_to: int = 0) -> list[tuple[
             save_png(enlarge(image, factor), display, finished.parameters)
         saved.append((original, display))
     return saved
+
+
+def estimate(
+    cache: PipelineCache, model: str | None, plugin: Plugin, options: PluginOptions, dtype: torch.dtype | None = None
+) -> dict[str, str]:
+    """Return the sizes a quantize run would give, computed from the model's shapes without quantizing."""
+    from quant.layers import weight_bytes
+
+    loaded = cache.get(model, dtype)
+    full = weight_bytes(loaded.denoiser)
+    estimated = plugin.estimate_bytes(loaded.denoiser, options)
+    figures = {
+        "part": f"{loaded.denoiser_name} of {loaded.source if loaded.is_embedded else Path(loaded.source).name}",
+        "full precision": f"{full / 1e6:.2f} MB ({str(loaded.dtype).removeprefix('torch.')})",
+    }
+    if estimated is None:
+        figures["estimated file"] = f"plugin {plugin.id!r} gives no estimate"
+    else:
+        figures["estimated file"] = f"{estimated / 1e6:.2f} MB ({estimated / full:.1%} of full precision)"
+    return figures
+
+
+def artefact_name(model: str | None, plugin: Plugin, options: PluginOptions) -> str:
+    """Name the file a quantize run saves: the model's name, the type and the plugin's suffix."""
+    stem = "embedded" if model in (None, "", "embedded") else Path(model.rstrip("/")).stem.replace("/", "-")
+    qtype = getattr(options, "qtype", plugin.id)
+    return f"{stem}-{qtype}{plugin.file_suffix}"
+
+
+def quantize_to_file(
+    cache: PipelineCache,
+    model: str | None,
+    plugin: Plugin,
+    options: PluginOptions,
+    out: Path,
+    progress: Progress | None = None,
+    dtype: torch.dtype | None = None,
+) -> QuantizeReport:
+    """Quantize a model's UNet or transformer with ``plugin`` and save the artefact to ``out`` atomically."""
+    if plugin.file_suffix is None:
+        raise ValueError(f"plugin {plugin.id!r} saves no file")
+    out = Path(out)
+    if out.suffix != plugin.file_suffix:
+        raise ValueError(f"the output file must end in {plugin.file_suffix} for plugin {plugin.id!r}, got {out.name!r}")
+    loaded, report = prepare(cache, model, plugin, options, None, progress, dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plugin.save(loaded.denoiser, report, options, out)
+    return report

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 
@@ -137,3 +138,27 @@ def test_float16_rejected_on_cpu(tmp_path):
     )
     assert result.returncode == 2
     assert _error_line(result) == "error: compute dtype 'float16' is not usable on cpu; usable: float32, bfloat16"
+
+
+def test_quantize_mix_from_model_folder(tmp_path):
+    from models.shapes import MODEL_DIR
+
+    gguf_file = tmp_path / "shapes-q4_k_m.gguf"
+    result = _launch(
+        "quantize", "--plugin", "gguf", "--qtype", "Q4_K_M", "--model", str(MODEL_DIR), "--out", str(gguf_file)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "estimated file: " in result.stdout
+    assert f"saved: {gguf_file}" in result.stdout
+    reader = gguf.GGUFReader(gguf_file)
+    types = {tensor.tensor_type.name for tensor in reader.tensors}
+    assert {"Q4_K", "Q6_K", "F32"} <= types
+
+    result = _generate("--plugin", "gguf", "--gguf", str(gguf_file), "--out", str(tmp_path / "a.png"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_quantize_rejects_wrong_suffix(tmp_path):
+    result = _launch("quantize", "--plugin", "gguf", "--qtype", "Q4_K", "--out", str(tmp_path / "unet.bin"))
+    assert result.returncode == 2
+    assert _error_line(result) == f"error: --out must end in .gguf for plugin 'gguf', got '{tmp_path / 'unet.bin'}'"

@@ -13,6 +13,14 @@ K_QUANTS = [name for name in PACKABLE if gguf_format.block_type(name).packer == 
 ALL_TYPES = list(gguf_format.BLOCK_TYPES)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+
+@pytest.fixture(params=["ggml", "torch"])
+def dequantizer(request, monkeypatch):
+    """Run a test with each CPU dequantizer: ggml's C functions and the PyTorch reference."""
+    monkeypatch.setattr(gguf_format, "CPU_DEQUANTIZER", request.param)
+    return request.param
+
+
 # Byte offsets of the float16 scales in each block, so random blocks get finite scales.
 SCALE_OFFSETS = {
     "Q8_0": [0], "Q5_1": [0, 2], "Q5_0": [0], "Q4_1": [0, 2], "Q4_0": [0],
@@ -63,7 +71,7 @@ def test_ggml_and_gguf_py_write_same_blocks(qtype):
 
 
 @pytest.mark.parametrize("qtype", PACKABLE)
-def test_unpack_bit_exact_against_gguf(qtype):
+def test_unpack_bit_exact_against_gguf(qtype, dequantizer):
     weight = _weights(64, 512, seed=1)
     qweight = gguf_format.pack(weight, qtype)
     ours = gguf_format.unpack(qweight, qtype, (64, 512))
@@ -73,16 +81,16 @@ def test_unpack_bit_exact_against_gguf(qtype):
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES)
-def test_unpack_random_blocks_bit_exact(qtype):
-    blocks = _random_blocks(qtype, 2048, seed=len(qtype))
+def test_unpack_random_blocks_bit_exact(qtype, dequantizer):
+    blocks = _random_blocks(qtype, 40000, seed=len(qtype))  # enough values to split across threads
     kind = gguf_format.block_type(qtype)
-    ours = gguf_format.unpack(torch.from_numpy(blocks), qtype, (2048 * kind.block_size,))
+    ours = gguf_format.unpack(torch.from_numpy(blocks), qtype, (40000 * kind.block_size,))
     reference = gguf.quants.dequantize(blocks.reshape(16, -1), kind.qtype).reshape(-1)
     assert _same_bits(ours, reference)
 
 
 @pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS"])
-def test_unpack_ggml_iq4_blocks(qtype):
+def test_unpack_ggml_iq4_blocks(qtype, dequantizer):
     weight = _weights(16, 512, seed=8)
     blocks = ggml.quantize_rows(weight.numpy(), QType[qtype])
     ours = gguf_format.unpack(torch.from_numpy(blocks), qtype, (16, 512))
@@ -108,7 +116,7 @@ def test_unpack_on_cuda_bit_exact(qtype):
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES)
-def test_bfloat16_unpack_rounds_float32_once(qtype):
+def test_bfloat16_unpack_rounds_float32_once(qtype, dequantizer):
     blocks = torch.from_numpy(_random_blocks(qtype, 256, seed=4))
     values = 256 * gguf_format.block_type(qtype).block_size
     as_float32 = gguf_format.unpack(blocks, qtype, (values,))
@@ -117,7 +125,7 @@ def test_bfloat16_unpack_rounds_float32_once(qtype):
 
 
 @pytest.mark.parametrize("qtype", PACKABLE)
-def test_unpack_conv_shape(qtype):
+def test_unpack_conv_shape(qtype, dequantizer):
     weight = _weights(16, 64 * 9, seed=2).reshape(16, 64, 3, 3)
     qweight = gguf_format.pack(weight, qtype)
     values = gguf_format.unpack(qweight, qtype, (16, 64, 3, 3))
@@ -266,4 +274,73 @@ def test_read_rejects_future_version(tmp_path):
     path = tmp_path / "v9.gguf"
     path.write_bytes(b"GGUF" + (9).to_bytes(4, "little") + bytes(16))
     with pytest.raises(gguf_format.GGUFFileError, match="GGUF version 9 is not supported; expected 2 or 3"):
+        gguf_format.read_file(path)
+
+
+def test_ggml_dequantizes_every_type():
+    assert all(ggml.can_dequantize(kind.qtype) for kind in gguf_format.BLOCK_TYPES.values())
+
+
+def test_ggml_dequantize_rejects_other_dtypes():
+    with pytest.raises(ValueError, match="ggml dequantizes uint8 CPU tensors, got torch.float32"):
+        ggml.dequantize(torch.zeros(34), QType.Q8_0)
+
+
+def _handmade_file(path, tensors: list[tuple[str, list[int], int, int]], data_bytes: int) -> None:
+    """Write a GGUF v3 file by hand: no metadata, the given tensor table (name, ggml dims, type id, offset)."""
+    import struct
+
+    header = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 0)
+    for name, dims, type_id, offset in tensors:
+        encoded = name.encode()
+        header += struct.pack("<Q", len(encoded)) + encoded + struct.pack("<I", len(dims))
+        header += struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", type_id, offset)
+    header += bytes(-len(header) % 32)
+    path.write_bytes(header + bytes(data_bytes))
+
+
+def test_handmade_file_is_valid(tmp_path):
+    path = tmp_path / "valid.gguf"
+    _handmade_file(path, [("a.weight", [32, 2], int(QType.Q8_0), 0), ("b.bias", [8], int(QType.F32), 96)], 128)
+    _, tensors = gguf_format.read_file(path)
+    assert [(tensor.name, tensor.shape) for tensor in tensors] == [("a.weight", (2, 32)), ("b.bias", (8,))]
+
+
+@pytest.mark.parametrize(
+    "tensors, data_bytes, message",
+    [
+        ([("a.weight", [32, 2], 99, 0)], 128, "tensor 'a.weight' has unknown type id 99"),
+        (
+            [("a.weight", [32, 2], int(QType.Q8_0), 0), ("b.weight", [32, 2], int(QType.Q8_0), 32)],
+            160,
+            r"tensor 'b.weight' starts at byte \d+, inside tensor 'a.weight' \(which ends at byte \d+\); "
+            "tensor data must not overlap",
+        ),
+        (
+            [("a.weight", [32, 2], int(QType.Q8_0), 16)],
+            128,
+            "tensor 'a.weight' starts at offset 16, not a multiple of 32",
+        ),
+        (
+            [("a.weight", [48, 2], int(QType.Q8_0), 0)],
+            128,
+            "tensor 'a.weight' has rows of 48 values; Q8_0 needs a multiple of 32",
+        ),
+        (
+            [("a.weight", [32, 2, 1, 1, 1], int(QType.Q8_0), 0)],
+            128,
+            "tensor 'a.weight' has 5 dimensions; expected 1 to 4",
+        ),
+        (
+            [("a.weight", [32, 64], int(QType.Q8_0), 0)],
+            128,
+            r"tensor 'a.weight' ends at byte \d+ but the file has \d+ bytes",
+        ),
+    ],
+    ids=["unknown-type", "overlap", "misaligned", "partial-block", "five-dims", "out-of-range"],
+)
+def test_handmade_broken_files(tmp_path, tensors, data_bytes, message):
+    path = tmp_path / "broken.gguf"
+    _handmade_file(path, tensors, data_bytes)
+    with pytest.raises(gguf_format.GGUFFileError, match=message):
         gguf_format.read_file(path)

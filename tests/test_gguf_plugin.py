@@ -177,3 +177,33 @@ def test_foreign_types_in_one_file_load(embedded, tmp_path):
     text = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(loaded(sample, 500, text).sample, reference(sample, 500, text).sample, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [GGUFOptions(qtype="Q4_K_M"), GGUFOptions(qtype="Q8_0", keep=("conv_out",), quantize_io=True)],
+    ids=["Q4_K_M", "Q8_0-io"],
+)
+def test_estimate_and_resident_bytes_match_file(embedded, options, tmp_path):
+    from quant.layers import weight_bytes
+
+    estimated = gguf_plugin.estimate_bytes(embedded.denoiser, options)
+    unet, report = gguf_plugin.quantize(copy.deepcopy(embedded.denoiser), options)
+    path = gguf_plugin.save(unet, report, options, tmp_path / "unet.gguf")
+    tensor_bytes = sum(int(tensor.n_bytes) for tensor in gguf.GGUFReader(path).tensors)
+    assert estimated == tensor_bytes
+
+    loaded, _ = gguf_plugin.load(path, copy.deepcopy(embedded.denoiser))
+    assert tensor_bytes <= weight_bytes(loaded) <= 1.03 * tensor_bytes
+
+
+def test_interrupted_save_leaves_no_file(quantized, tmp_path, monkeypatch):
+    unet, report = quantized
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        gguf_plugin.save(unet, report, GGUFOptions(qtype="Q4_1"), tmp_path / "unet.gguf")
+    assert list(tmp_path.iterdir()) == []

@@ -53,10 +53,11 @@ def server(tmp_path_factory):
     process.wait(timeout=30)
 
 
-def _generation_values(plugin: str, qtype: str = "Q4_0", width: int = 0) -> list:
+def _generation_values(plugin: str, qtype: str = "Q4_0", width: int = 0, saved_file: str = "") -> list:
     # model, prompt, negative prompt, seed, steps, guidance, width, height, batch, scheduler,
-    # plugin, then the option fields of every plugin in registry order (gguf: qtype, keep)
-    return ["embedded", PROMPT, "", 0, 20, 4.0, width, 0, 2, "model default", plugin, qtype, ""]
+    # plugin, the option fields of every plugin in registry order (gguf: qtype, keep, quantize_io),
+    # then the saved-file box of every plugin that saves one (gguf)
+    return ["embedded", PROMPT, "", 0, 20, 4.0, width, 0, 2, "model default", plugin, qtype, "", False, saved_file]
 
 
 def test_login_required(server):
@@ -109,3 +110,33 @@ def test_system_lists_plugins(server):
     assert properties["device"].startswith("cpu")
     ids = {row[0]: row for row in plugins["data"]}
     assert ids["gguf"][2] == "yes"
+
+
+def test_quantize_tab_estimates_saves_and_generates(server):
+    _, client = server
+    sizes = client.predict("embedded", "gguf", "Q4_K_M", "", False, api_name="/estimate")
+    assert sizes["part"] == "unet of embedded"
+    assert sizes["estimated file"].endswith("of full precision)")
+    estimated_mb = float(sizes["estimated file"].split(" MB")[0])
+
+    # The API leaves out the "use in Generate and Compare" button among the outputs.
+    sizes, status, _, saved_path, skipped = client.predict(
+        "embedded", "gguf", "Q4_K_M", "", False, api_name="/quantize"
+    )
+    assert status.startswith("done: gguf:")
+    assert saved_path.endswith("embedded-Q4_K_M.gguf")
+    # The estimate counts tensor bytes; the file adds its header and metadata.
+    assert estimated_mb <= float(sizes["file"].split(" MB")[0]) < estimated_mb + 0.1
+    assert any(row[1] == "input, output or embedding layer (quantize_io is off)" for row in skipped["data"])
+
+    gallery, _, status, stats, _ = client.predict(
+        *_generation_values("gguf", saved_file=saved_path), api_name="/generate"
+    )
+    assert len(gallery) == 2
+    assert stats["method"] == "gguf Q4_K_M"
+
+
+def test_generate_missing_saved_file_reports_error(server):
+    _, client = server
+    with pytest.raises(Exception, match="saved file not found: /nonexistent/model.gguf"):
+        client.predict(*_generation_values("gguf", saved_file="/nonexistent/model.gguf"), api_name="/generate")

@@ -1,4 +1,4 @@
-"""Build the Gradio app from the plugin registry: Generate, Compare and System tabs."""
+"""Build the Gradio app from the plugin registry: Generate, Compare, Quantize and System tabs."""
 
 import logging
 
@@ -6,7 +6,7 @@ import gradio as gr
 
 from plugins.registry import Registry
 from quant.runtime import PipelineCache
-from webui import compare_tab, generate_tab, system_tab
+from webui import compare_tab, generate_tab, quantize_tab, system_tab
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +22,11 @@ def build_app(registry: Registry, cache: PipelineCache | None = None) -> gr.Bloc
             "compare with full precision on the same seed."
         )
         with gr.Tab("Generate"):
-            generate_tab.build(registry, cache)
+            generate_picker = generate_tab.build(registry, cache)
         with gr.Tab("Compare"):
-            compare_tab.build(registry, cache)
+            compare_picker = compare_tab.build(registry, cache)
+        with gr.Tab("Quantize"):
+            quantize_tab.build(registry, cache, [generate_picker, compare_picker])
         with gr.Tab("System"):
             system_tab.build(registry, app)
     for source, error in registry.errors.items():

@@ -5,11 +5,19 @@ import gradio as gr
 from plugins.registry import Registry
 from plugins.studio import compare, prepare, run, save_images
 from quant.runtime import PipelineCache
-from webui.controls import ENLARGE_TO, generation_controls, parse_values, plugin_picker, user_errors
+from webui.controls import (
+    ENLARGE_TO,
+    PluginPicker,
+    generation_controls,
+    parse_values,
+    plugin_picker,
+    user_errors,
+)
 from webui.generate_tab import output_folder
 
 
-def build(registry: Registry, cache: PipelineCache) -> None:
+def build(registry: Registry, cache: PipelineCache) -> PluginPicker:
+    """Build the tab and return its plugin picker, which the Quantize tab fills with a saved file."""
     # components
     with gr.Row():
         with gr.Column(scale=2):
@@ -29,7 +37,7 @@ def build(registry: Registry, cache: PipelineCache) -> None:
 
     @user_errors
     def on_compare(*values, progress=gr.Progress()):
-        model, plugin, options, request = parse_values(registry, controls, picker, values, batch_size=1)
+        model, plugin, options, saved_file, request = parse_values(registry, controls, picker, values, batch_size=1)
         full = registry.get("full")
 
         yield gr.skip(), gr.skip(), "generating in full precision...", gr.skip()
@@ -44,7 +52,7 @@ def build(registry: Registry, cache: PipelineCache) -> None:
         yield str(baseline_path), gr.skip(), f"applying {plugin.name}...", gr.skip()
 
         loaded, report = prepare(
-            cache, model, plugin, options, progress=lambda fraction, message: progress(0.5, desc=message)
+            cache, model, plugin, options, saved_file, lambda fraction, message: progress(0.5, desc=message)
         )
         quantized = run(
             loaded,
@@ -68,3 +76,4 @@ def build(registry: Registry, cache: PipelineCache) -> None:
         outputs=[baseline_image, quantized_image, status, table],
         api_name="compare",
     )
+    return picker

@@ -5,6 +5,7 @@ import logging
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
@@ -44,19 +45,25 @@ def _control(plugin: Plugin, spec: dataclasses.Field):
 
 @dataclass
 class PluginPicker:
-    """A plugin dropdown and, per plugin, a group with its option controls."""
+    """A plugin dropdown and, per plugin, a group with its option controls and, optionally, a saved-file box."""
 
     dropdown: gr.Dropdown
     groups: dict[str, gr.Group]
     fields: list[tuple[str, str, gr.components.Component]]  # (plugin id, field name, component)
+    files: dict[str, gr.Textbox]  # plugin id -> path of a saved artefact to load instead of quantizing
 
     @property
     def inputs(self) -> list:
-        return [self.dropdown, *(component for _, _, component in self.fields)]
+        return [self.dropdown, *(component for _, _, component in self.fields), *self.files.values()]
 
     def values(self, plugin_id: str, option_values: tuple) -> dict:
         """Pick the chosen plugin's option values out of all option components' values."""
         return {name: value for (owner, name, _), value in zip(self.fields, option_values) if owner == plugin_id}
+
+    def file(self, plugin_id: str, option_values: tuple) -> str | None:
+        """Return the saved file chosen for ``plugin_id``, or None when its box is empty."""
+        file_values = dict(zip(self.files, option_values[len(self.fields) :]))
+        return (file_values.get(plugin_id) or "").strip() or None
 
     def wire(self) -> None:
         ids = list(self.groups)
@@ -68,7 +75,9 @@ class PluginPicker:
         )
 
 
-def plugin_picker(registry: Registry, default: str = "gguf", exclude: tuple[str, ...] = ()) -> PluginPicker:
+def plugin_picker(
+    registry: Registry, default: str = "gguf", exclude: tuple[str, ...] = (), with_files: bool = True
+) -> PluginPicker:
     choices = []
     for plugin in registry.plugins.values():
         if plugin.id in exclude:
@@ -78,14 +87,21 @@ def plugin_picker(registry: Registry, default: str = "gguf", exclude: tuple[str,
     ids = [value for _, value in choices]
     chosen = default if default in ids else ids[0]
     dropdown = gr.Dropdown(choices, value=chosen, label="quantization method")
-    groups, fields = {}, []
+    groups, fields, files = {}, [], {}
     for plugin_id in ids:
         plugin = registry.plugins[plugin_id]
         with gr.Group(visible=plugin_id == chosen) as group:
             for spec in field_specs(plugin.options_class):
                 fields.append((plugin_id, spec.name, _control(plugin, spec)))
+            if with_files and plugin.file_suffix:
+                files[plugin_id] = gr.Textbox(
+                    "",
+                    label=f"saved {plugin.file_suffix} file",
+                    info=f"path of a {plugin.file_suffix} file to load instead of quantizing; "
+                    "the file sets the types, so the options above are ignored",
+                )
         groups[plugin_id] = group
-    return PluginPicker(dropdown, groups, fields)
+    return PluginPicker(dropdown, groups, fields, files)
 
 
 @dataclass
@@ -170,13 +186,19 @@ def request_from_values(values: list, batch_size: int | None = None):
 def parse_values(
     registry: Registry, controls: GenerationControls, picker: PluginPicker, values: tuple, batch_size: int | None = None
 ):
-    """Split a handler's values (``controls.inputs`` then ``picker.inputs``) into model, plugin, options, request."""
+    """Split a handler's values (``controls.inputs`` then ``picker.inputs``).
+
+    Returns the model, the plugin, its options, the saved file to load (or None) and the request.
+    """
     generation_values = list(values[: len(controls.inputs)])
     plugin_id, *option_values = values[len(controls.inputs) :]
     plugin = registry.get(plugin_id)
     options = plugin.options_class.from_dict(picker.values(plugin_id, tuple(option_values)))
+    saved_file = picker.file(plugin_id, tuple(option_values))
+    if saved_file and not Path(saved_file).is_file():
+        raise FileNotFoundError(f"saved file not found: {saved_file}")
     request = request_from_values(generation_values, batch_size)
-    return generation_values[0], plugin, options, request
+    return generation_values[0], plugin, options, saved_file, request
 
 
 def user_errors(handler: Callable) -> Callable:

@@ -9,7 +9,14 @@ import gradio as gr
 from plugins.registry import Registry
 from plugins.studio import prepare, run, save_images
 from quant.runtime import PipelineCache
-from webui.controls import ENLARGE_TO, generation_controls, parse_values, plugin_picker, user_errors
+from webui.controls import (
+    ENLARGE_TO,
+    PluginPicker,
+    generation_controls,
+    parse_values,
+    plugin_picker,
+    user_errors,
+)
 
 OUTPUT_DIR = Path(os.environ.get("LOWBIT_OUTPUT_DIR", "outputs"))
 
@@ -18,7 +25,8 @@ def output_folder() -> Path:
     return OUTPUT_DIR / datetime.date.today().isoformat()
 
 
-def build(registry: Registry, cache: PipelineCache) -> None:
+def build(registry: Registry, cache: PipelineCache) -> PluginPicker:
+    """Build the tab and return its plugin picker, which the Quantize tab fills with a saved file."""
     # components
     with gr.Row():
         with gr.Column(scale=2):
@@ -46,11 +54,11 @@ def build(registry: Registry, cache: PipelineCache) -> None:
 
     @user_errors
     def on_generate(*values, progress=gr.Progress()):
-        model, plugin, options, request = parse_values(registry, controls, picker, values)
+        model, plugin, options, saved_file, request = parse_values(registry, controls, picker, values)
 
         yield gr.skip(), gr.skip(), f"loading {model} and applying {plugin.name}...", gr.skip(), gr.skip()
         loaded, report = prepare(
-            cache, model, plugin, options, progress=lambda fraction, message: progress(fraction, desc=message)
+            cache, model, plugin, options, saved_file, lambda fraction, message: progress(fraction, desc=message)
         )
         yield gr.skip(), gr.skip(), f"generating with {plugin.name}...", gr.skip(), gr.skip()
         finished = run(loaded, report, request, progress=lambda fraction, message: progress(fraction, desc=message))
@@ -69,3 +77,4 @@ def build(registry: Registry, cache: PipelineCache) -> None:
         outputs=[gallery, files, status, stats, skipped],
         api_name="generate",
     )
+    return picker

@@ -12,6 +12,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -81,23 +82,35 @@ class GGUFPlugin(Plugin):
         started = time.perf_counter()
         total = sum(type(module) in QUANTIZABLE for module in part.modules())
         done = 0
-        recipe = RECIPES[options.qtype]
 
         def pack(name: str, module: nn.Module):
             nonlocal done
             done += 1
             if progress is not None:
                 progress(done, total, name)
-            if not options.quantize_io and is_full_precision_layer(name):
-                raise SkipLayer("input, output or embedding layer (quantize_io is off)")
-            qtype = recipe.qtype_for(name)
-            reason = gguf_format.can_pack(tuple(module.weight.shape), qtype)
-            if reason:
-                raise SkipLayer(reason)
+            qtype = _layer_qtype(name, tuple(module.weight.shape), options)
             return gguf_format.pack(module.weight, qtype), GGUFWeightFormat(qtype)
 
         swap = swap_layers(part, pack, compute_dtype=_compute_dtype(part), keep=options.keep)
         return part, QuantizeReport.from_swap(self.id, options, swap, time.perf_counter() - started)
+
+    def estimate_bytes(self, part: nn.Module, options: GGUFOptions) -> int:
+        """Return the tensor bytes of the file ``save`` would write for ``part``, without quantizing it."""
+        packed, total = set(), 0
+        for name, module in part.named_modules():
+            if type(module) not in QUANTIZABLE or any(fnmatch(name, pattern) for pattern in options.keep):
+                continue
+            shape = tuple(module.weight.shape)
+            try:
+                qtype = _layer_qtype(name, shape, options)
+            except SkipLayer:
+                continue
+            packed.add(f"{name}.weight")
+            total += gguf_format.packed_nbytes(shape, qtype)
+        for name, tensor in part.state_dict().items():
+            if name not in packed:
+                total += tensor.numel() * (2 if tensor.dtype == torch.float16 else 4)
+        return total
 
     def save(self, part: nn.Module, report: QuantizeReport, options: GGUFOptions, path: Path) -> Path:
         """Write the whole part: packed weights in their block type, every other tensor in F32 or F16.
@@ -238,6 +251,17 @@ class GGUFPlugin(Plugin):
         qtype = stored.get("qtype") or (qtypes.most_common(1)[0][0] if qtypes else "Q8_0")
         options = {"qtype": qtype, "keep": list(stored.get("keep", ())), "quantize_io": stored.get("quantize_io")}
         return base_part, QuantizeReport.from_swap(self.id, options, swap, time.perf_counter() - started)
+
+
+def _layer_qtype(name: str, shape: tuple[int, ...], options: GGUFOptions) -> str:
+    """Return the block type of one layer under ``options``, or raise SkipLayer with the reason it stays."""
+    if not options.quantize_io and is_full_precision_layer(name):
+        raise SkipLayer("input, output or embedding layer (quantize_io is off)")
+    qtype = RECIPES[options.qtype].qtype_for(name)
+    reason = gguf_format.can_pack(shape, qtype)
+    if reason:
+        raise SkipLayer(reason)
+    return qtype
 
 
 def _packed_tensor(name: str, layer: QuantizedLayer) -> gguf_format.GGUFTensor:

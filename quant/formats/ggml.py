@@ -1,17 +1,23 @@
-"""ggml's own quantizer, called through the ``libggml-base`` library that llama-cpp-python bundles.
+"""ggml's own quantizer and dequantizers, called through the ``libggml-base`` that llama-cpp-python bundles.
 
 gguf-py quantizes only the legacy block types (Q8_0, Q5_x, Q4_x) in numpy. The K-quants (Q6_K to
 Q2_K) exist only in ggml's C code, and llama-cpp-python loads that library without binding its
 quantizer, so this module binds ``ggml_quantize_chunk`` with ctypes. The bytes it returns are ggml's
 bytes by construction, and the tests compare its legacy types with gguf-py's quantizer.
+
+It also binds ggml's ``dequantize_row_*`` functions, the CPU fast path of ``quant.formats.gguf``:
+they write float32 values straight into a tensor's memory, 2 to 7 times faster than the PyTorch
+dequantizers on one core, and split across threads because ctypes releases the GIL during a call.
 """
 
 import ctypes
 import importlib.util
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 
@@ -86,4 +92,59 @@ def quantize_rows(rows: np.ndarray, qtype: QType) -> np.ndarray:
     written = library.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None)
     if written != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {qtype.name}, expected {out.nbytes}")
+    return out
+
+
+# Below this many values a single call is faster than handing chunks to threads.
+_THREADED_VALUES = 1 << 16
+
+
+@cache
+def _dequantizer(qtype: QType):
+    """Return ggml's ``dequantize_row_<type>(blocks, out, n_values)``, or None if the library lacks it."""
+    name = "dequantize_row_" + qtype.name.lower().replace("_k", "_K")
+    function = getattr(_library(), name, None)
+    if function is not None:
+        function.restype = None
+        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return function
+
+
+@cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ggml-dequantize")
+
+
+def can_dequantize(qtype: QType) -> bool:
+    """Return whether ggml's CPU dequantizer for ``qtype`` can be used here."""
+    return available() and _dequantizer(qtype) is not None
+
+
+def dequantize(blocks: torch.Tensor, qtype: QType) -> torch.Tensor:
+    """Dequantize contiguous uint8 CPU blocks into a new float32 tensor of all their values, flat."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if blocks.device.type != "cpu" or blocks.dtype != torch.uint8:
+        raise ValueError(f"ggml dequantizes uint8 CPU tensors, got {blocks.dtype} on {blocks.device}")
+    blocks = blocks.contiguous()
+    n_blocks = blocks.numel() // type_size
+    out = torch.empty(n_blocks * block_size, dtype=torch.float32)
+    function = _dequantizer(qtype)
+    workers = min(torch.get_num_threads(), max(1, out.numel() // _THREADED_VALUES))
+    if workers == 1:
+        function(blocks.data_ptr(), out.data_ptr(), out.numel())
+        return out
+
+    per_chunk = -(-n_blocks // workers)
+    chunks = [(start, min(per_chunk, n_blocks - start)) for start in range(0, n_blocks, per_chunk)]
+    calls = [
+        _pool(workers).submit(
+            function,
+            blocks.data_ptr() + start * type_size,
+            out.data_ptr() + start * block_size * out.element_size(),
+            count * block_size,
+        )
+        for start, count in chunks
+    ]
+    for call in calls:
+        call.result()
     return out

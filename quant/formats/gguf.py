@@ -33,6 +33,7 @@ blocks follow the weight's own value order, so unpacking does not depend on the 
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -210,6 +211,13 @@ def pack(weight: torch.Tensor, qtype: str) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.quantize(rows, kind.qtype))
 
 
+# On the CPU, "ggml" dequantizes with ggml's C functions when llama-cpp-python is installed, and
+# "torch" with the PyTorch dequantizers above, which every other device uses. Both give the same bits.
+CPU_DEQUANTIZER = os.environ.get("LOWBIT_GGUF_CPU_DEQUANTIZER", "ggml")
+if CPU_DEQUANTIZER not in ("ggml", "torch"):
+    raise ValueError(f"LOWBIT_GGUF_CPU_DEQUANTIZER must be 'ggml' or 'torch', got {CPU_DEQUANTIZER!r}")
+
+
 def unpack(
     qweight: torch.Tensor, qtype: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -218,8 +226,10 @@ def unpack(
     The dequantized values are computed in float32 and rounded to ``dtype`` once at the end.
     """
     kind = block_type(qtype)
-    blocks = qweight.reshape(-1, kind.type_size)
-    values = kind.dequantize_blocks(blocks)
+    if qweight.device.type == "cpu" and CPU_DEQUANTIZER == "ggml" and ggml.can_dequantize(kind.qtype):
+        values = ggml.dequantize(qweight, kind.qtype)
+    else:
+        values = kind.dequantize_blocks(qweight.reshape(-1, kind.type_size))
     return values.reshape(shape).to(dtype)
 
 

@@ -137,6 +137,7 @@ def _check_prefix(prefix: bytes, path: Path, size: int, supported: set[str]) -> 
         tensors.append((name, dims, type_id, offset))
 
     data_start = -(-cursor.position // alignment) * alignment
+    spans = []  # (first byte, end byte, name) of every tensor's data
     for name, dims, type_id, offset in tensors:
         try:
             qtype = GGMLQuantizationType(type_id)
@@ -161,4 +162,13 @@ def _check_prefix(prefix: bytes, path: Path, size: int, supported: set[str]) -> 
         if end > size:
             raise GGUFHeaderError(
                 f"{path}: tensor {name!r} ends at byte {end} but the file has {size} bytes; the file is truncated"
+            )
+        spans.append((data_start + offset, end, name))
+
+    spans.sort()
+    for (_, previous_end, previous), (start, _, name) in zip(spans, spans[1:]):
+        if start < previous_end:
+            raise GGUFHeaderError(
+                f"{path}: tensor {name!r} starts at byte {start}, inside tensor {previous!r} (which ends at byte "
+                f"{previous_end}); tensor data must not overlap"
             )

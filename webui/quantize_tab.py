@@ -1,0 +1,90 @@
+"""Quantize tab: quantize a model's UNet or transformer to a file, see its size first, then use it elsewhere."""
+
+import gradio as gr
+
+from plugins.registry import Registry
+from plugins.studio import artefact_name, estimate, quantize_to_file
+from quant.runtime import PipelineCache
+from webui.controls import MODEL_CHOICES, PluginPicker, plugin_picker, user_errors
+from webui.generate_tab import OUTPUT_DIR
+
+
+def build(registry: Registry, cache: PipelineCache, targets: list[PluginPicker]) -> None:
+    """Build the tab; "use in Generate and Compare" fills the saved-file box of each picker in ``targets``."""
+    savable = [plugin.id for plugin in registry.plugins.values() if plugin.file_suffix]
+    excluded = tuple(plugin_id for plugin_id in registry.plugins if plugin_id not in savable)
+
+    # components
+    with gr.Row():
+        with gr.Column(scale=2):
+            model = gr.Dropdown(
+                MODEL_CHOICES,
+                value="embedded",
+                allow_custom_value=True,
+                label="model",
+                info="the embedded model, a diffusers folder, a .safetensors file or a hub id",
+            )
+            picker = plugin_picker(registry, exclude=excluded, with_files=False)
+            with gr.Row():
+                estimate_button = gr.Button("Estimate size")
+                quantize_button = gr.Button("Quantize and save", variant="primary")
+        with gr.Column(scale=3):
+            sizes = gr.JSON(label="sizes")
+            status = gr.Markdown()
+            saved = gr.File(label="quantized file", interactive=False)
+            saved_path = gr.Textbox(label="saved to", interactive=False)
+            use = gr.Button("Use in Generate and Compare", interactive=False)
+            skipped = gr.Dataframe(
+                headers=["layer", "reason"], label="layers kept in full precision", interactive=False
+            )
+
+    # events
+    picker.wire()
+
+    def parse(model_name: str, values: tuple):
+        plugin_id, *option_values = values
+        plugin = registry.get(plugin_id)
+        options = plugin.options_class.from_dict(picker.values(plugin_id, tuple(option_values)))
+        return model_name, plugin, options
+
+    @user_errors
+    def on_estimate(model_name, *values):
+        return estimate(cache, *parse(model_name, values))
+
+    @user_errors
+    def on_quantize(model_name, *values, progress=gr.Progress()):
+        model_name, plugin, options = parse(model_name, values)
+        figures = estimate(cache, model_name, plugin, options)
+        yield figures, f"quantizing with {plugin.name}...", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        out = OUTPUT_DIR / "quantized" / artefact_name(model_name, plugin, options)
+        report = quantize_to_file(
+            cache, model_name, plugin, options, out, lambda fraction, message: progress(fraction, desc=message)
+        )
+        figures["file"] = f"{out.stat().st_size / 1e6:.2f} MB"
+        yield (
+            figures,
+            f"done: {report.summary()}",
+            str(out),
+            str(out.resolve()),
+            gr.update(interactive=True),
+            [list(row) for row in report.skipped],
+        )
+
+    inputs = [model, *picker.inputs]
+    estimate_button.click(on_estimate, inputs=inputs, outputs=sizes, api_name="estimate")
+    quantize_button.click(
+        on_quantize, inputs=inputs, outputs=[sizes, status, saved, saved_path, use, skipped], api_name="quantize"
+    )
+
+    # Sending the file: each target picker switches to the plugin and gets the path in its file box.
+    def send(plugin_id: str, path: str):
+        updates = []
+        for target in targets:
+            updates.append(gr.update(value=plugin_id))
+            updates += [gr.update(value=path if owner == plugin_id else "") for owner in target.files]
+        return updates
+
+    outputs = []
+    for target in targets:
+        outputs += [target.dropdown, *target.files.values()]
+    use.click(send, inputs=[picker.dropdown, saved_path], outputs=outputs, api_visibility="private")
