@@ -102,6 +102,8 @@ def command_generate(args, registry) -> int:
         raise UsageError("--gguf needs --plugin gguf")
     if args.gguf and not Path(args.gguf).is_file():
         raise UsageError(f"GGUF file not found: {args.gguf}")
+    if args.gguf_text_encoder and not Path(args.gguf_text_encoder).is_file():
+        raise UsageError(f"GGUF text encoder file not found: {args.gguf_text_encoder}")
     if args.gguf and getattr(args, "option_qtype", None) is not None:
         raise UsageError("--qtype does not apply with --gguf: the file sets the type of every tensor")
     request = GenerationRequest(
@@ -124,7 +126,7 @@ def command_generate(args, registry) -> int:
 
     cache = PipelineCache()
     with _progress_bar("load and quantize") as update:
-        loaded, report = prepare(cache, args.model, plugin, options, args.gguf, update, dtype)
+        loaded, report = prepare(cache, args.model, plugin, options, args.gguf, update, dtype, args.gguf_text_encoder)
     with _progress_bar("generate") as update:
         finished = run(loaded, report, request, update)
 
@@ -225,6 +227,12 @@ def build_parser(registry) -> argparse.ArgumentParser:
     generate.add_argument("--plugin", default="full", help="quantization plugin id (see `launch.py plugins`)")
     generate.add_argument(
         "--gguf", default=None, help="load the UNet or transformer from this .gguf file (with --plugin gguf)"
+    )
+    generate.add_argument(
+        "--gguf-text-encoder",
+        default=None,
+        help="load a T5 or CLIP text encoder from this .gguf file into the model's matching text encoder "
+        "(with --plugin gguf)",
     )
     generate.add_argument("--seed", type=int, default=0, help="random seed; a batch uses seed, seed+1, ...")
     generate.add_argument("--steps", type=int, default=20, help="denoising steps")

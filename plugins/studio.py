@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from plugins.base import Plugin, PluginOptions, QuantizeReport
+from plugins.gguf.text_encoders import ARCHITECTURES as _TEXT_ENCODER_ARCHITECTURES
 from plugins.registry import Registry
 from quant import metrics
 from quant.device import probe
@@ -24,6 +25,7 @@ from quant.runtime import (
     LoadedModel,
     PipelineCache,
     generate,
+    with_component,
     with_denoiser,
 )
 
@@ -64,11 +66,15 @@ def prepare(
     gguf_file: str | None = None,
     progress: Progress | None = None,
     dtype: torch.dtype | None = None,
+    text_encoder_file: str | None = None,
 ) -> tuple[LoadedModel, QuantizeReport]:
     """Load ``model`` and apply ``plugin`` to its UNet or transformer (or load ``gguf_file`` into it).
 
-    ``dtype`` is the compute dtype; None takes the device probe's choice.
+    ``dtype`` is the compute dtype; None takes the device probe's choice. ``text_encoder_file``
+    replaces the text encoder that the file's architecture names (T5 or CLIP) before that.
     """
+    if text_encoder_file and plugin.id != "gguf":
+        raise ValueError(f"a GGUF text encoder file needs plugin 'gguf', not {plugin.id!r}")
     loaded = cache.get(model, dtype)
     ok, reason = plugin.available()
     if not ok:
@@ -83,6 +89,8 @@ def prepare(
             progress(done / max(total, 1), f"layer {done}/{total}: {name}")
 
     def quantize(base: LoadedModel) -> tuple[LoadedModel, QuantizeReport]:
+        if text_encoder_file:
+            base = load_text_encoder(base, plugin, Path(text_encoder_file))
         denoiser = copy.deepcopy(base.denoiser)
         if gguf_file:
             denoiser, report = plugin.load(Path(gguf_file), denoiser)
@@ -95,11 +103,45 @@ def prepare(
         _, report = plugin.quantize(loaded.denoiser, options)
         return loaded, report
     if gguf_file:
-        # The file's modification time is part of the key, so a file rewritten in place is read again.
-        key = f"{plugin.id}:{Path(gguf_file).resolve()}:{Path(gguf_file).stat().st_mtime_ns}"
+        key = f"{plugin.id}:{_file_key(Path(gguf_file))}"
     else:
         key = f"{plugin.id}:{options.to_json()}"
+    if text_encoder_file:
+        key += f":text encoder {_file_key(Path(text_encoder_file))}"
     return cache.variant(loaded, key, quantize)
+
+
+def _file_key(path: Path) -> str:
+    # The modification time is part of the key, so a file rewritten in place is read again.
+    return f"{path.resolve()}:{path.stat().st_mtime_ns}"
+
+
+def load_text_encoder(loaded: LoadedModel, plugin: Plugin, path: Path) -> LoadedModel:
+    """Return ``loaded`` with the text encoder that the GGUF file at ``path`` fits replaced by the file's."""
+    from quant.formats.gguf import GGUFFileError, read_file
+
+    metadata, _ = read_file(path)
+    architecture = metadata.get("general.architecture")
+    slots = {
+        name: component
+        for name, component in loaded.pipeline.components.items()
+        if isinstance(component, torch.nn.Module) and name.startswith("text_encoder")
+    }
+    fitting = [
+        name
+        for name, component in slots.items()
+        if architecture in _TEXT_ENCODER_ARCHITECTURES.get(type(component).__name__, ())
+    ]
+    if not fitting:
+        found = ", ".join(f"{name} ({type(component).__name__})" for name, component in slots.items()) or "none"
+        raise GGUFFileError(
+            f"{path}: general.architecture is {architecture!r}, which fits none of this model's text encoders: {found}"
+        )
+
+    name = fitting[0]
+    encoder, report = plugin.load(path, copy.deepcopy(getattr(loaded.pipeline, name)))
+    logger.info("text encoder %s from %s: %s", name, path, report.summary())
+    return with_component(loaded, name, encoder)
 
 
 def run(

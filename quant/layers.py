@@ -49,6 +49,15 @@ class QuantizedLayer(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.compute_dtype = compute_dtype
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A meta tensor with the weight's shape and the compute dtype, for code that reads ``weight.dtype``.
+
+        transformers' T5 casts its hidden states to ``wo.weight.dtype``, for example. The values are
+        packed in ``qweight``; ``dequantize()`` returns them.
+        """
+        return torch.empty(self.weight_shape, dtype=self.compute_dtype, device="meta")
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.weight_format.unpack(self.qweight, self.weight_shape, dtype or self.compute_dtype)
 

@@ -200,7 +200,12 @@ def pipeline_weight_bytes(pipeline: DiffusionPipeline) -> int:
 
 def with_denoiser(loaded: LoadedModel, denoiser: torch.nn.Module) -> LoadedModel:
     """Return a model that shares every component of ``loaded`` except the UNet or transformer."""
-    components = {**loaded.pipeline.components, loaded.denoiser_name: denoiser}
+    return with_component(loaded, loaded.denoiser_name, denoiser)
+
+
+def with_component(loaded: LoadedModel, name: str, module: torch.nn.Module) -> LoadedModel:
+    """Return a model that shares every component of ``loaded`` except the one called ``name``."""
+    components = {**loaded.pipeline.components, name: module}
     if "requires_safety_checker" in loaded.pipeline.config:
         components["requires_safety_checker"] = loaded.pipeline.config.requires_safety_checker
     pipeline = type(loaded.pipeline)(**components)

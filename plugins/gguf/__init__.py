@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from plugins.base import Plugin, PluginOptions, Progress, QuantizeReport, option
+from plugins.gguf import text_encoders
 from plugins.gguf.recipes import RECIPES, is_full_precision_layer
 from quant.formats import gguf as gguf_format
 from quant.formats import gguf_names
@@ -94,6 +95,30 @@ class GGUFPlugin(Plugin):
         swap = swap_layers(part, pack, compute_dtype=_compute_dtype(part), keep=options.keep)
         return part, QuantizeReport.from_swap(self.id, options, swap, time.perf_counter() - started)
 
+    @staticmethod
+    def _denoiser_names(path: Path, found, tensors: list, base_part: nn.Module, expected: dict):
+        """Check a UNet or transformer file's architecture and rename its tensors to diffusers names.
+
+        A file without ``general.architecture`` is recognised by its tensor names. Returns the
+        architecture, the renamed tensors and each model tensor's name in the file.
+        """
+        model_class = type(base_part).__name__
+        config = dict(getattr(base_part, "config", {}))
+        if found is None:
+            found = gguf_names.detect_architecture(tensor.name for tensor in tensors)
+            if found is None:
+                raise gguf_format.GGUFFileError(
+                    f"{path}: the file has no general.architecture and its tensor names match none of "
+                    f"{', '.join(gguf_names.ARCHITECTURES)}"
+                )
+        architecture = gguf_names.check_architecture(path, found, model_class, config)
+        file_names = {name: name for name in expected}
+        if architecture in gguf_names.ARCHITECTURES:
+            shapes = {name: tuple(tensor.shape) for name, tensor in expected.items()}
+            converted = gguf_names.from_original(path, tensors, architecture, config, shapes)
+            tensors, file_names = converted.tensors, converted.file_names
+        return architecture, tensors, file_names
+
     def estimate_bytes(self, part: nn.Module, options: GGUFOptions) -> int:
         """Return the tensor bytes of the file ``save`` would write for ``part``, without quantizing it."""
         packed, total = set(), 0
@@ -138,10 +163,21 @@ class GGUFPlugin(Plugin):
             )
 
         # _name_or_path is where the model was loaded from on this machine, not part of the model.
-        config = {key: value for key, value in dict(getattr(part, "config", {})).items() if key != "_name_or_path"}
+        raw_config = getattr(part, "config", {})
+        raw_config = raw_config.to_dict() if hasattr(raw_config, "to_dict") else dict(raw_config)  # transformers'
+        config = {key: value for key, value in raw_config.items() if key != "_name_or_path"}
         architecture = gguf_names.architecture_of(type(part).__name__, config)
         path = Path(path)
-        if architecture:
+        if text_encoders.is_text_encoder(part):
+            architecture = text_encoders.architecture_for(part)
+            naming = "llama.cpp" if architecture == "t5encoder" else "transformers"
+            names = text_encoders.file_names(part, [tensor.name for tensor in tensors])
+            written = {}  # tied tensors (T5's shared and embed_tokens) map to one file name, written once
+            for tensor in tensors:
+                tensor.name = names[tensor.name]
+                written.setdefault(tensor.name, tensor)
+            tensors = list(written.values())
+        elif architecture:
             try:
                 tensors = gguf_names.to_original(tensors, architecture, config)
             except ValueError as error:
@@ -169,28 +205,26 @@ class GGUFPlugin(Plugin):
         started = time.perf_counter()
         metadata, tensors = gguf_format.read_file(path)
         model_class = type(base_part).__name__
-        config = dict(getattr(base_part, "config", {}))
         expected = base_part.state_dict()
         modules = dict(base_part.named_modules())
         compute_dtype = _compute_dtype(base_part)
         stored_types = Counter(tensor.type_name for tensor in tensors)
 
         found = metadata.get("general.architecture")
-        if found is None:
-            found = gguf_names.detect_architecture(tensor.name for tensor in tensors)
-            if found is None:
-                raise gguf_format.GGUFFileError(
-                    f"{path}: the file has no general.architecture and its tensor names match none of "
-                    f"{', '.join(gguf_names.ARCHITECTURES)}"
-                )
-        architecture = gguf_names.check_architecture(path, found, model_class, config)
-        file_names = {name: name for name in expected}
-        if architecture in gguf_names.ARCHITECTURES:
-            shapes = {name: tuple(tensor.shape) for name, tensor in expected.items()}
-            converted = gguf_names.from_original(path, tensors, architecture, config, shapes)
-            tensors, file_names = converted.tensors, converted.file_names
+        if text_encoders.is_text_encoder(base_part):
+            text_encoders.check_architecture(path, found, base_part)
+            architecture = found
+            tensors, file_names = text_encoders.to_transformers_names(path, tensors, base_part, expected)
+        elif found in text_encoders.ALL_ARCHITECTURES:
+            raise gguf_format.GGUFFileError(
+                f"{path} is a {found} text encoder file; load it as a text encoder (--gguf-text-encoder), "
+                f"not into the {model_class}"
+            )
+        else:
+            architecture, tensors, file_names = self._denoiser_names(path, found, tensors, base_part, expected)
 
         def label(name: str) -> str:
+
             file_name = file_names.get(name, name)
             return repr(name) if file_name == name else f"{file_name!r} ({name})"
 
@@ -209,10 +243,17 @@ class GGUFPlugin(Plugin):
                 layer_name = tensor.name.removesuffix(".weight")
                 module = modules.get(layer_name)
                 if type(module) not in QUANTIZABLE:
-                    raise gguf_format.GGUFFileError(
-                        f"{path}: tensor {label(tensor.name)} is {tensor.type_name} but {layer_name!r} is not a "
-                        "linear or convolution layer"
-                    )
+                    if not tensor.name.endswith(".weight") or module is None:
+                        raise gguf_format.GGUFFileError(
+                            f"{path}: tensor {label(tensor.name)} is {tensor.type_name} but {layer_name!r} is not "
+                            "a linear or convolution layer"
+                        )
+                    # Community files quantize embeddings too; only linear and convolution layers stay packed.
+                    with torch.no_grad():
+                        target.copy_(gguf_names.float_values(tensor).reshape(target.shape))
+                    reason = f"{tensor.type_name} in the file, dequantized at load ({type(module).__name__})"
+                    swap.skipped.append((layer_name, reason))
+                    continue
                 qweight = _packed_rows(tensor).to(target.device)
                 layer = QUANTIZABLE[type(module)](module, qweight, GGUFWeightFormat(tensor.type_name), compute_dtype)
                 replace_module(base_part, layer_name, layer)
