@@ -21,7 +21,7 @@ Q8_0, F16, F32 = (gguf.GGMLQuantizationType[name] for name in ("Q8_0", "F16", "F
 
 
 def _t5(seed: int) -> T5EncoderModel:
-    """A T5 v1.1 encoder (gated GELU, untied) at a small width, with random weights."""
+    """A T5 v1.1-style encoder (gated GELU) at a small width, with random weights."""
     torch.manual_seed(seed)
     config = T5Config(
         vocab_size=256,
