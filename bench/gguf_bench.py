@@ -28,9 +28,11 @@ import sys
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
+from quant.files import release_freed_memory
 from quant.runtime import PeakMemory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,9 +118,12 @@ def _load(model: str, qtype: str, layout: str, loader: str, folder: Path) -> tup
         local_files_only=True,
     )
     packed = [value for value in checkpoint.values() if hasattr(value, "quant_type")]
-    values = sum(module.weight.numel() for module in unet.modules() if type(module).__name__ == "GGUFLinear")
-    bits = 8 * sum(value.numel() for value in packed) / values if values else 0.0
-    return unet.eval(), bits
+    packed_bytes = sum(value.numel() for value in packed)
+    values = 0
+    for value in packed:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(value.quant_type)]
+        values += value.numel() // type_size * block_size
+    return unet.eval(), 8 * packed_bytes / values if values else 0.0
 
 
 # ---------------------------------------------------------------- one row, in its own process
@@ -133,10 +138,11 @@ def run_row(model: str, variant: str, folder: Path) -> dict:
         qtype, layout, loader, dequantizer = variant.split("/")
         try:
             unet, bits = _load(model, qtype, layout, loader, folder)
+            release_freed_memory()
         except (ValueError, RuntimeError, KeyError) as error:
             if loader != "diffusers":
                 raise
-            return {"variant": variant, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+            return {"variant": variant, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:400]}"}
     row = {"variant": variant, "unet_bytes": weight_bytes(unet), "bits_per_weight": bits}
     if model == "embedded":
         row |= _run_embedded(unet, folder / f"embedded-{variant.replace('/', '-')}.npy")

@@ -18,6 +18,8 @@ from plugins.gguf.text_encoders import ARCHITECTURES as _TEXT_ENCODER_ARCHITECTU
 from plugins.registry import Registry
 from quant import metrics
 from quant.device import probe
+from quant.files import release_freed_memory
+from quant.formats.gguf import read_file
 from quant.runtime import (
     SCHEDULERS,
     GenerationRequest,
@@ -75,6 +77,10 @@ def prepare(
     """
     if text_encoder_file and plugin.id != "gguf":
         raise ValueError(f"a GGUF text encoder file needs plugin 'gguf', not {plugin.id!r}")
+    # A broken or foreign file fails here, before the model is loaded; its data is only mapped.
+    for path in (gguf_file, text_encoder_file):
+        if path and plugin.file_suffix == ".gguf":
+            read_file(Path(path))
     loaded = cache.get(model, dtype)
     ok, reason = plugin.available()
     if not ok:
@@ -96,6 +102,7 @@ def prepare(
             denoiser, report = plugin.load(Path(gguf_file), denoiser)
         else:
             denoiser, report = plugin.quantize(denoiser, options, layer_progress)
+        release_freed_memory()
         logger.info("%s", report.summary())
         return with_denoiser(base, denoiser), report
 
@@ -118,7 +125,7 @@ def _file_key(path: Path) -> str:
 
 def load_text_encoder(loaded: LoadedModel, plugin: Plugin, path: Path) -> LoadedModel:
     """Return ``loaded`` with the text encoder that the GGUF file at ``path`` fits replaced by the file's."""
-    from quant.formats.gguf import GGUFFileError, read_file
+    from quant.formats.gguf import GGUFFileError
 
     metadata, _ = read_file(path)
     architecture = metadata.get("general.architecture")

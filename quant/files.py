@@ -1,6 +1,8 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename it into place."""
+"""Atomic file writes, and handing freed memory back to the operating system."""
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import tempfile
 from collections.abc import Iterator
@@ -25,3 +27,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def release_freed_memory() -> None:
+    """Ask glibc to return freed heap memory to the operating system; does nothing on other C libraries.
+
+    Loading a quantized file first builds the model in full precision and then frees most of it, and
+    glibc keeps such freed heap pages mapped, so the process would go on counting them as resident.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        malloc_trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return
+    if malloc_trim is not None:
+        malloc_trim(0)

@@ -139,14 +139,19 @@ class GenerationControls:
         self.random_seed.click(lambda: random.randrange(2**31), outputs=self.seed, api_visibility="private")
 
 
-def generation_controls(batch: bool = True) -> GenerationControls:
-    model = gr.Dropdown(
+def model_picker() -> gr.Dropdown:
+    """Create the model dropdown, which also takes a typed folder, file or hub id."""
+    return gr.Dropdown(
         MODEL_CHOICES,
         value="embedded",
         allow_custom_value=True,
         label="model",
         info="the embedded model, a diffusers folder, a .safetensors file or a hub id",
     )
+
+
+def generation_controls(batch: bool = True) -> GenerationControls:
+    model = model_picker()
     prompt = gr.Textbox("a red circle on a blue background", label="prompt", lines=2)
     negative_prompt = gr.Textbox("", label="negative prompt")
     with gr.Row():

@@ -5,7 +5,7 @@ import gradio as gr
 from plugins.registry import Registry
 from plugins.studio import artefact_name, estimate, quantize_to_file
 from quant.runtime import PipelineCache
-from webui.controls import MODEL_CHOICES, PluginPicker, plugin_picker, user_errors
+from webui.controls import PluginPicker, model_picker, plugin_picker, user_errors
 from webui.generate_tab import OUTPUT_DIR
 
 
@@ -17,13 +17,7 @@ def build(registry: Registry, cache: PipelineCache, targets: list[PluginPicker])
     # components
     with gr.Row():
         with gr.Column(scale=2):
-            model = gr.Dropdown(
-                MODEL_CHOICES,
-                value="embedded",
-                allow_custom_value=True,
-                label="model",
-                info="the embedded model, a diffusers folder, a .safetensors file or a hub id",
-            )
+            model = model_picker()
             picker = plugin_picker(registry, exclude=excluded, with_files=False)
             with gr.Row():
                 estimate_button = gr.Button("Estimate size")

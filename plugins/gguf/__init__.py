@@ -224,7 +224,6 @@ class GGUFPlugin(Plugin):
             architecture, tensors, file_names = self._denoiser_names(path, found, tensors, base_part, expected)
 
         def label(name: str) -> str:
-
             file_name = file_names.get(name, name)
             return repr(name) if file_name == name else f"{file_name!r} ({name})"
 
@@ -281,8 +280,7 @@ class GGUFPlugin(Plugin):
             "loaded %s (%s, %s names): %s; %.2f bits per quantized weight, %.1f MB resident",
             path,
             architecture,
-            metadata.get("lowbit.tensor_names")
-            or (gguf_names.ORIGINAL_NAMES if architecture in gguf_names.ARCHITECTURES else gguf_names.DIFFUSERS_NAMES),
+            metadata.get("lowbit.tensor_names") or _naming(architecture),
             ", ".join(f"{count} {type_name}" for type_name, count in stored_types.most_common()),
             swap.bits_per_weight,
             weight_bytes(base_part) / 1e6,
@@ -292,6 +290,15 @@ class GGUFPlugin(Plugin):
         qtype = stored.get("qtype") or (qtypes.most_common(1)[0][0] if qtypes else "Q8_0")
         options = {"qtype": qtype, "keep": list(stored.get("keep", ())), "quantize_io": stored.get("quantize_io")}
         return base_part, QuantizeReport.from_swap(self.id, options, swap, time.perf_counter() - started)
+
+
+def _naming(architecture: str) -> str:
+    """Name the tensor naming of a file that does not record it, from its architecture."""
+    if architecture in gguf_names.ARCHITECTURES:
+        return gguf_names.ORIGINAL_NAMES
+    if architecture in ("t5encoder", "t5"):
+        return "llama.cpp"
+    return "transformers" if architecture == "clip" else gguf_names.DIFFUSERS_NAMES
 
 
 def _layer_qtype(name: str, shape: tuple[int, ...], options: GGUFOptions) -> str:
