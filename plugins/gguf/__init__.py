@@ -239,36 +239,10 @@ class GGUFPlugin(Plugin):
             _check_shape(path, label(tensor.name), tensor.shape, tuple(target.shape))
             seen.add(tensor.name)
             if tensor.type_name in gguf_format.BLOCK_TYPES:
-                layer_name = tensor.name.removesuffix(".weight")
-                module = modules.get(layer_name)
-                if type(module) not in QUANTIZABLE:
-                    if not tensor.name.endswith(".weight") or module is None:
-                        raise gguf_format.GGUFFileError(
-                            f"{path}: tensor {label(tensor.name)} is {tensor.type_name} but {layer_name!r} is not "
-                            "a linear or convolution layer"
-                        )
-                    # Community files quantize embeddings too; only linear and convolution layers stay packed.
-                    with torch.no_grad():
-                        target.copy_(gguf_names.float_values(tensor).reshape(target.shape))
-                    reason = f"{tensor.type_name} in the file, dequantized at load ({type(module).__name__})"
-                    swap.skipped.append((layer_name, reason))
-                    continue
-                qweight = _packed_rows(tensor).to(target.device)
-                layer = QUANTIZABLE[type(module)](module, qweight, GGUFWeightFormat(tensor.type_name), compute_dtype)
-                replace_module(base_part, layer_name, layer)
-                swap.quantized.append(layer_name)
-                swap.bytes_before += target.numel() * target.element_size()
-                swap.bytes_after += qweight.numel()
-                swap.values += target.numel()
-                qtypes[tensor.type_name] += 1
+                if _load_packed(path, base_part, modules, tensor, target, compute_dtype, swap, label):
+                    qtypes[tensor.type_name] += 1
             else:
-                with torch.no_grad():
-                    target.copy_(gguf_names.float_values(tensor).reshape(target.shape))
-                module = modules.get(tensor.name.removesuffix(".weight"))
-                if tensor.name.endswith(".weight") and type(module) in QUANTIZABLE:
-                    swap.skipped.append(
-                        (tensor.name.removesuffix(".weight"), f"stored as {tensor.type_name} in the file")
-                    )
+                _load_float(tensor, target, modules, swap)
 
         missing = sorted(set(expected) - seen)
         if missing:
@@ -290,6 +264,43 @@ class GGUFPlugin(Plugin):
         qtype = stored.get("qtype") or (qtypes.most_common(1)[0][0] if qtypes else "Q8_0")
         options = {"qtype": qtype, "keep": list(stored.get("keep", ())), "quantize_io": stored.get("quantize_io")}
         return base_part, QuantizeReport.from_swap(self.id, options, swap, time.perf_counter() - started)
+
+
+def _load_packed(path, part, modules, tensor, target, compute_dtype, swap: SwapReport, label) -> bool:
+    """Load a packed file tensor as a quantized layer and return True, or dequantize it and return False.
+
+    Only linear and convolution weights stay packed; a packed weight of another module (an embedding)
+    is dequantized into it.
+    """
+    layer_name = tensor.name.removesuffix(".weight")
+    module = modules.get(layer_name)
+    if type(module) in QUANTIZABLE:
+        qweight = _packed_rows(tensor).to(target.device)
+        layer = QUANTIZABLE[type(module)](module, qweight, GGUFWeightFormat(tensor.type_name), compute_dtype)
+        replace_module(part, layer_name, layer)
+        swap.quantized.append(layer_name)
+        swap.bytes_before += target.numel() * target.element_size()
+        swap.bytes_after += qweight.numel()
+        swap.values += target.numel()
+        return True
+    if not tensor.name.endswith(".weight") or module is None:
+        raise gguf_format.GGUFFileError(
+            f"{path}: tensor {label(tensor.name)} is {tensor.type_name} but {layer_name!r} is not "
+            "a linear or convolution layer"
+        )
+    with torch.no_grad():
+        target.copy_(gguf_names.float_values(tensor).reshape(target.shape))
+    swap.skipped.append((layer_name, f"{tensor.type_name} in the file, dequantized at load ({type(module).__name__})"))
+    return False
+
+
+def _load_float(tensor: gguf_format.GGUFTensor, target: torch.Tensor, modules: dict, swap: SwapReport) -> None:
+    """Copy a float file tensor into the model; a linear or conv weight stored so is reported as kept."""
+    with torch.no_grad():
+        target.copy_(gguf_names.float_values(tensor).reshape(target.shape))
+    layer_name = tensor.name.removesuffix(".weight")
+    if tensor.name.endswith(".weight") and type(modules.get(layer_name)) in QUANTIZABLE:
+        swap.skipped.append((layer_name, f"stored as {tensor.type_name} in the file"))
 
 
 def _naming(architecture: str) -> str:
