@@ -265,7 +265,11 @@ def build_parser(registry) -> argparse.ArgumentParser:
     _add_plugin_options(quantize, registry)
 
     commands.add_parser("plugins", help="list plugins and whether they can run here")
-    commands.add_parser("webui", help="start the web UI (the default)")
+    webui = commands.add_parser("webui", help="start the web UI (the default)")
+    # The server options also work after "webui"; SUPPRESS keeps the values given before it.
+    webui.add_argument("--listen", action="store_true", default=argparse.SUPPRESS, help="as above")
+    webui.add_argument("--port", type=int, default=argparse.SUPPRESS, help="as above")
+    webui.add_argument("--auth", default=argparse.SUPPRESS, help="as above")
     return parser
 
 

@@ -140,7 +140,12 @@ def load_text_encoder(loaded: LoadedModel, plugin: Plugin, path: Path) -> Loaded
         if architecture in _TEXT_ENCODER_ARCHITECTURES.get(type(component).__name__, ())
     ]
     if not fitting:
-        found = ", ".join(f"{name} ({type(component).__name__})" for name, component in slots.items()) or "none"
+        descriptions = []
+        for slot, component in slots.items():
+            accepted = _TEXT_ENCODER_ARCHITECTURES.get(type(component).__name__, ())
+            takes = " or ".join(repr(value) for value in accepted) or "no GGUF file"
+            descriptions.append(f"{slot} ({type(component).__name__}, which takes {takes})")
+        found = ", ".join(descriptions) or "none"
         raise GGUFFileError(
             f"{path}: general.architecture is {architecture!r}, which fits none of this model's text encoders: {found}"
         )

@@ -126,6 +126,16 @@ def replace_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
     setattr(parent, child_name, replacement)
 
 
+def check_keep_patterns(layer_names: Sequence[str], keep: Sequence[str]) -> None:
+    """Raise ValueError for a keep pattern that matches none of ``layer_names``, showing what names look like."""
+    for pattern in keep:
+        if not any(fnmatch(name, pattern) for name in layer_names):
+            examples = ", ".join(layer_names[:3])
+            raise ValueError(
+                f"keep pattern {pattern!r} matches no linear or convolution layer (names look like: {examples})"
+            )
+
+
 def swap_layers(
     model: nn.Module,
     pack: Callable[[str, nn.Module], tuple[torch.Tensor, WeightFormat]],
@@ -140,12 +150,7 @@ def swap_layers(
     """
     report = SwapReport()
     targets = [(name, module) for name, module in model.named_modules() if type(module) in QUANTIZABLE]
-    for pattern in keep:
-        if not any(fnmatch(name, pattern) for name, _ in targets):
-            examples = ", ".join(name for name, _ in targets[:3])
-            raise ValueError(
-                f"keep pattern {pattern!r} matches no linear or convolution layer (names look like: {examples})"
-            )
+    check_keep_patterns([name for name, _ in targets], keep)
     for name, module in targets:
         matched = next((pattern for pattern in keep if fnmatch(name, pattern)), None)
         if matched:

@@ -162,3 +162,15 @@ def test_quantize_rejects_wrong_suffix(tmp_path):
     result = _launch("quantize", "--plugin", "gguf", "--qtype", "Q4_K", "--out", str(tmp_path / "unet.bin"))
     assert result.returncode == 2
     assert _error_line(result) == f"error: --out must end in .gguf for plugin 'gguf', got '{tmp_path / 'unet.bin'}'"
+
+
+@pytest.mark.parametrize("argv", [["webui", "--port", "7871", "--listen"], ["--port", "7871", "--listen", "webui"]])
+def test_server_options_before_or_after_webui(argv):
+    sys.path.insert(0, str(ROOT))
+    from launch import build_parser
+    from plugins.registry import discover
+
+    args = build_parser(discover()).parse_args(argv)
+    assert args.command == "webui"
+    assert args.port == 7871
+    assert args.listen is True

@@ -143,7 +143,7 @@ def test_generate_with_clip_text_encoder_file(embedded, tmp_path):
 
     result = _launch("--plugin", "gguf", "--gguf-text-encoder", str(t5_path), "--out", str(tmp_path / "b.png"))
     assert result.returncode == 2
-    assert "fits none of this model's text encoders: text_encoder (CLIPTextModel)" in result.stderr
+    assert "fits none of this model's text encoders: text_encoder (CLIPTextModel, which takes 'clip')" in result.stderr
 
     result = _launch("--gguf-text-encoder", str(clip_path), "--out", str(tmp_path / "c.png"))
     assert result.returncode == 2

@@ -140,3 +140,16 @@ def test_generate_missing_saved_file_reports_error(server):
     _, client = server
     with pytest.raises(Exception, match="saved file not found: /nonexistent/model.gguf"):
         client.predict(*_generation_values("gguf", saved_file="/nonexistent/model.gguf"), api_name="/generate")
+
+
+def test_saved_file_for_other_method_rejected(server):
+    _, client = server
+    values = _generation_values("full", saved_file="/some/unet.gguf")
+    with pytest.raises(Exception, match="a saved file \\(/some/unet.gguf\\) is set for method 'gguf'"):
+        client.predict(*values, api_name="/generate")
+
+
+def test_estimate_rejects_unmatched_keep_pattern(server):
+    _, client = server
+    with pytest.raises(Exception, match="keep pattern 'nomatch\\*' matches no linear or convolution layer"):
+        client.predict("embedded", "gguf", "Q8_0", "nomatch*", False, api_name="/estimate")

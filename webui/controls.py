@@ -60,10 +60,15 @@ class PluginPicker:
         """Pick the chosen plugin's option values out of all option components' values."""
         return {name: value for (owner, name, _), value in zip(self.fields, option_values) if owner == plugin_id}
 
+    def file_values(self, option_values: tuple) -> dict[str, str]:
+        """Return the saved-file box of every plugin that has one, stripped, by plugin id."""
+        return {
+            plugin_id: (value or "").strip() for plugin_id, value in zip(self.files, option_values[len(self.fields) :])
+        }
+
     def file(self, plugin_id: str, option_values: tuple) -> str | None:
         """Return the saved file chosen for ``plugin_id``, or None when its box is empty."""
-        file_values = dict(zip(self.files, option_values[len(self.fields) :]))
-        return (file_values.get(plugin_id) or "").strip() or None
+        return self.file_values(option_values).get(plugin_id) or None
 
     def wire(self) -> None:
         ids = list(self.groups)
@@ -200,6 +205,12 @@ def parse_values(
     plugin = registry.get(plugin_id)
     options = plugin.options_class.from_dict(picker.values(plugin_id, tuple(option_values)))
     saved_file = picker.file(plugin_id, tuple(option_values))
+    for other, path in picker.file_values(tuple(option_values)).items():
+        if other != plugin_id and path:
+            raise ValueError(
+                f"a saved file ({path}) is set for method {other!r}, but the chosen method is {plugin_id!r}; "
+                f"choose {other!r} to use the file, or clear its box"
+            )
     if saved_file and not Path(saved_file).is_file():
         raise FileNotFoundError(f"saved file not found: {saved_file}")
     request = request_from_values(generation_values, batch_size)
@@ -233,7 +244,7 @@ def user_errors(handler: Callable) -> Callable:
             except gr.Error:
                 raise
             except Exception as error:
-                raise translate(error) from error
+                raise translate(error) from None  # the error is logged above; no second traceback
 
         return generator_wrapper
 
@@ -244,6 +255,6 @@ def user_errors(handler: Callable) -> Callable:
         except gr.Error:
             raise
         except Exception as error:
-            raise translate(error) from error
+            raise translate(error) from None
 
     return wrapper

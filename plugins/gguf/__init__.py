@@ -29,6 +29,7 @@ from quant.layers import (
     QuantizedLayer,
     SkipLayer,
     SwapReport,
+    check_keep_patterns,
     replace_module,
     swap_layers,
     weight_bytes,
@@ -121,6 +122,8 @@ class GGUFPlugin(Plugin):
 
     def estimate_bytes(self, part: nn.Module, options: GGUFOptions) -> int:
         """Return the tensor bytes of the file ``save`` would write for ``part``, without quantizing it."""
+        layers = [name for name, module in part.named_modules() if type(module) in QUANTIZABLE]
+        check_keep_patterns(layers, options.keep)
         packed, total = set(), 0
         for name, module in part.named_modules():
             if type(module) not in QUANTIZABLE or any(fnmatch(name, pattern) for pattern in options.keep):
