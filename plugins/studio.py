@@ -321,6 +321,5 @@ def quantize_to_file(
     if out.suffix != plugin.file_suffix:
         raise ValueError(f"the output file must end in {plugin.file_suffix} for plugin {plugin.id!r}, got {out.name!r}")
     loaded, report = prepare(cache, model, plugin, options, None, progress, dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
     plugin.save(loaded.denoiser, report, options, out)
     return report

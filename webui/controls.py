@@ -70,6 +70,26 @@ class PluginPicker:
         """Return the saved file chosen for ``plugin_id``, or None when its box is empty."""
         return self.file_values(option_values).get(plugin_id) or None
 
+    def parse(self, registry: Registry, values: tuple) -> tuple[Plugin, object, str | None]:
+        """Turn the values of ``inputs`` into the chosen plugin, its options and its saved file (or None).
+
+        A saved file set for another plugin than the chosen one, or one that does not exist, raises.
+        """
+        plugin_id, *option_values = values
+        option_values = tuple(option_values)
+        plugin = registry.get(plugin_id)
+        options = plugin.options_class.from_dict(self.values(plugin_id, option_values))
+        saved_file = self.file(plugin_id, option_values)
+        for other, path in self.file_values(option_values).items():
+            if other != plugin_id and path:
+                raise ValueError(
+                    f"a saved file ({path}) is set for method {other!r}, but the chosen method is {plugin_id!r}; "
+                    f"choose {other!r} to use the file, or clear its box"
+                )
+        if saved_file and not Path(saved_file).is_file():
+            raise FileNotFoundError(f"saved file not found: {saved_file}")
+        return plugin, options, saved_file
+
     def wire(self) -> None:
         ids = list(self.groups)
         self.dropdown.change(
@@ -201,18 +221,7 @@ def parse_values(
     Returns the model, the plugin, its options, the saved file to load (or None) and the request.
     """
     generation_values = list(values[: len(controls.inputs)])
-    plugin_id, *option_values = values[len(controls.inputs) :]
-    plugin = registry.get(plugin_id)
-    options = plugin.options_class.from_dict(picker.values(plugin_id, tuple(option_values)))
-    saved_file = picker.file(plugin_id, tuple(option_values))
-    for other, path in picker.file_values(tuple(option_values)).items():
-        if other != plugin_id and path:
-            raise ValueError(
-                f"a saved file ({path}) is set for method {other!r}, but the chosen method is {plugin_id!r}; "
-                f"choose {other!r} to use the file, or clear its box"
-            )
-    if saved_file and not Path(saved_file).is_file():
-        raise FileNotFoundError(f"saved file not found: {saved_file}")
+    plugin, options, saved_file = picker.parse(registry, tuple(values[len(controls.inputs) :]))
     request = request_from_values(generation_values, batch_size)
     return generation_values[0], plugin, options, saved_file, request
 

@@ -11,8 +11,7 @@ from webui.generate_tab import OUTPUT_DIR
 
 def build(registry: Registry, cache: PipelineCache, targets: list[PluginPicker]) -> None:
     """Build the tab; "use in Generate and Compare" fills the saved-file box of each picker in ``targets``."""
-    savable = [plugin.id for plugin in registry.plugins.values() if plugin.file_suffix]
-    excluded = tuple(plugin_id for plugin_id in registry.plugins if plugin_id not in savable)
+    excluded = tuple(plugin.id for plugin in registry.plugins.values() if not plugin.file_suffix)
 
     # components
     with gr.Row():
@@ -36,9 +35,7 @@ def build(registry: Registry, cache: PipelineCache, targets: list[PluginPicker])
     picker.wire()
 
     def parse(model_name: str, values: tuple):
-        plugin_id, *option_values = values
-        plugin = registry.get(plugin_id)
-        options = plugin.options_class.from_dict(picker.values(plugin_id, tuple(option_values)))
+        plugin, options, _ = picker.parse(registry, values)
         return model_name, plugin, options
 
     @user_errors

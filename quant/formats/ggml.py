@@ -98,7 +98,8 @@ def quantize_rows(rows: np.ndarray, qtype: QType) -> np.ndarray:
     return out
 
 
-# Below this many values a single call is faster than handing chunks to threads.
+# Tensors of fewer values are dequantized in one call, because handing out chunks would cost more
+# than it saves. NOTE: 2**16 is an estimate, not a tuned figure.
 _THREADED_VALUES = 1 << 16
 
 
@@ -118,8 +119,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ggml-dequantize")
 
 
+@cache
 def can_dequantize(qtype: QType) -> bool:
-    """Return whether ggml's CPU dequantizer for ``qtype`` can be used here."""
+    """Return whether ggml's CPU dequantizer for ``qtype`` can be used here; cached, as every forward asks."""
     return available() and _dequantizer(qtype) is not None
 
 
