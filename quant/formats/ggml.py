@@ -121,7 +121,7 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 @cache
 def can_dequantize(qtype: QType) -> bool:
-    """Return whether ggml's CPU dequantizer for ``qtype`` can be used here; cached, as every forward asks."""
+    """Return whether ggml's CPU dequantizer for ``qtype`` can be used here (cached: every forward calls it)."""
     return available() and _dequantizer(qtype) is not None
 
 
