@@ -5,7 +5,8 @@ fields carry UI metadata (``help``, ``choices``). The web UI controls, the comma
 PNG metadata are all generated from it. Hooks, in the order they run:
 
 - ``available()``: can it run on this machine, and if not, why;
-- ``quantize(part, options, progress)``: quantize a model part (UNet, transformer, ...) and report;
+- ``quantize(part, options, progress, calibration)``: quantize a model part (UNet, transformer, ...)
+  and report; methods that calibrate sample from ``calibration``;
 - ``save(part, report, options, path)`` / ``load(path, base_part)``: the artefact on disk.
 """
 
@@ -98,6 +99,15 @@ def _convert(name: str, value, hint):
 
 
 @dataclass
+class CalibrationSource:
+    """What a calibrating method samples from: the full-precision pipeline, its family and its source."""
+
+    pipeline: object  # a diffusers pipeline whose denoiser is still in full precision
+    family: str
+    source: str
+
+
+@dataclass
 class QuantizeReport:
     """Result of a plugin's quantize: layers, bits per weight, skipped layers with reasons, time."""
 
@@ -147,6 +157,7 @@ class Plugin(ABC):
     families: tuple[str, ...]  # model families it applies to; "*" for all
     options_class: type[PluginOptions]
     file_suffix: str | None = None  # the artefact's file suffix, None when it saves nothing
+    needs_calibration = False  # True: quantize() samples from ``calibration``, which must be given
 
     def available(self) -> tuple[bool, str]:
         """Return whether the plugin can run on this machine, and the reason when it cannot."""
@@ -160,13 +171,24 @@ class Plugin(ABC):
 
     @abstractmethod
     def quantize(
-        self, part: nn.Module, options: PluginOptions, progress: Progress | None = None
+        self,
+        part: nn.Module,
+        options: PluginOptions,
+        progress: Progress | None = None,
+        calibration: CalibrationSource | None = None,
     ) -> tuple[nn.Module, QuantizeReport]:
-        """Quantize a model part and return it (it may be the same object, changed in place) with a report."""
+        """Quantize a model part and return it (it may be the same object, changed in place) with a report.
+
+        ``calibration`` is given to plugins whose ``needs_calibration`` is True.
+        """
 
     def estimate_bytes(self, part: nn.Module, options: PluginOptions) -> int | None:
         """Return the estimated size in bytes of the artefact ``save`` writes, or None when unknown."""
         return None
+
+    def calibration_cost(self, part: nn.Module, options: PluginOptions, calibration: CalibrationSource) -> dict[str, str]:
+        """Return what calibrating will take (samples, memory, time), for display before a run; {} when nothing."""
+        return {}
 
     def save(self, part: nn.Module, report: QuantizeReport, options: PluginOptions, path: Path) -> Path:
         raise NotImplementedError(f"plugin {self.id!r} has no artefact to save")

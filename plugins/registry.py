@@ -17,7 +17,7 @@ from plugins.base import Plugin
 
 logger = logging.getLogger(__name__)
 
-BUILTIN = ("plugins.full", "plugins.gguf")
+BUILTIN = ("plugins.full", "plugins.gguf", "plugins.qdiffusion")
 ENTRY_POINT_GROUP = "lowbit_studio.plugins"
 USER_DIR_VARIABLE = "LOWBIT_PLUGINS_DIR"
 DEFAULT_USER_DIR = Path.home() / ".lowbit-studio" / "plugins"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from plugins.base import Plugin, PluginOptions, QuantizeReport
+from plugins.base import CalibrationSource, Plugin, PluginOptions, QuantizeReport
 from plugins.gguf.text_encoders import ARCHITECTURES as _TEXT_ENCODER_ARCHITECTURES
 from plugins.registry import Registry
 from quant import metrics
@@ -92,7 +92,7 @@ def prepare(
 
     def layer_progress(done: int, total: int, name: str) -> None:
         if progress is not None:
-            progress(done / max(total, 1), f"layer {done}/{total}: {name}")
+            progress(done / max(total, 1), f"{done}/{total}: {name}")
 
     def quantize(base: LoadedModel) -> tuple[LoadedModel, QuantizeReport]:
         if text_encoder_file:
@@ -100,6 +100,9 @@ def prepare(
         denoiser = copy.deepcopy(base.denoiser)
         if gguf_file:
             denoiser, report = plugin.load(Path(gguf_file), denoiser)
+        elif plugin.needs_calibration:
+            calibration = CalibrationSource(base.pipeline, base.family, base.source)
+            denoiser, report = plugin.quantize(denoiser, options, layer_progress, calibration=calibration)
         else:
             denoiser, report = plugin.quantize(denoiser, options, layer_progress)
         release_freed_memory()

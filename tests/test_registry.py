@@ -43,7 +43,7 @@ def test_broken_plugins_reported_and_rest_load(tmp_path):
 
     registry = discover(user_dir=tmp_path)
 
-    assert {"full", "gguf", "identity"} == set(registry.plugins)
+    assert {"full", "gguf", "qdiffusion", "identity"} == set(registry.plugins)
     assert registry.plugins["identity"].available() == (False, "needs a GPU")
     errors = {path.rsplit("/", 1)[-1]: message for path, message in registry.errors.items()}
     assert errors["raises.py"] == "ImportError: needs the frobnicate package"
@@ -56,6 +56,6 @@ def test_unknown_plugin_lists_known(registry):
     try:
         registry.get("awq")
     except KeyError as error:
-        assert "unknown plugin 'awq'; available: full, gguf" in error.args[0]
+        assert "unknown plugin 'awq'; available: full, gguf, qdiffusion" in error.args[0]
     else:
         raise AssertionError("expected KeyError")
