@@ -38,7 +38,7 @@ def _add_plugin_options(parser: argparse.ArgumentParser, registry) -> None:
                 continue
             seen.add(spec.name)
             choices = spec.metadata.get("choices")
-            hint = f" (plugin {plugin.id}; one of {', '.join(choices)})" if choices else f" (plugin {plugin.id})"
+            hint = f" (plugin {plugin.id}; one of {', '.join(map(str, choices))})" if choices else f" (plugin {plugin.id})"
             parser.add_argument(
                 f"--{spec.name.replace('_', '-')}",
                 dest=f"option_{spec.name}",

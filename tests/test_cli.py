@@ -32,7 +32,7 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--plugin", "nope"], "error: unknown plugin 'nope'; available: full, gguf"),
+        (["--plugin", "nope"], "error: unknown plugin 'nope'; available: full, gguf, qdiffusion"),
         (["--width", "30"], "error: width must be a multiple of 8 between 8 and 4096, got 30"),
         (["--model", "no/such/folder"], "error: model folder or file not found: 'no/such/folder'"),
         (["--plugin", "gguf", "--qtype", "Q9_9"], "error: qtype must be one of"),

@@ -66,7 +66,7 @@ class QDiffusionOptions(PluginOptions):
         "trades some accuracy for about 50 times less work",
         choices=tuple(PROFILES),
     )
-    prompts: int = option(
+    calibration_prompts: int = option(
         16,
         "calibration prompts; with guidance each gives an unconditional and a conditional sample per step",
         minimum=1,
@@ -80,7 +80,7 @@ class QDiffusionOptions(PluginOptions):
         minimum=1,
         maximum=500,
     )
-    guidance: float = option(4.0, "classifier-free guidance scale of the calibration sampling runs", minimum=0.0, maximum=50.0)
+    calibration_guidance: float = option(4.0, "classifier-free guidance scale of the calibration sampling runs", minimum=0.0, maximum=50.0)
     grouped_ranges: bool = option(
         False, "give each group of timesteps its own activation ranges, chosen from the current timestep"
     )
@@ -91,7 +91,7 @@ class QDiffusionOptions(PluginOptions):
     )
     weight_iterations: int = option(0, "weight reconstruction iterations per block; 0 takes the profile's", minimum=0, maximum=100_000)
     activation_iterations: int = option(0, "activation step-size iterations per block; 0 takes the profile's", minimum=0, maximum=100_000)
-    seed: int = option(0, "seed of the calibration batches", minimum=0, maximum=2**31 - 1)
+    calibration_seed: int = option(0, "seed of the calibration batches", minimum=0, maximum=2**31 - 1)
 
     def __post_init__(self):
         super().__post_init__()
@@ -185,13 +185,13 @@ class QDiffusionPlugin(Plugin):
         base_hash = artefact.weights_hash(part)
         reference = copy.deepcopy(part)
 
-        prompts = calibration_prompts(calibration.family, options.prompts)
+        prompts = calibration_prompts(calibration.family, options.calibration_prompts)
         data = capture(
             calibration.pipeline,
             prompts,
             options.sampling_steps,
             options.calibration_steps,
-            options.guidance,
+            options.calibration_guidance,
             SAMPLING_BATCH,
             progress,
         )
@@ -209,7 +209,7 @@ class QDiffusionPlugin(Plugin):
         bytes_before = sum(m.weight.numel() * m.weight.element_size() for m in part.modules() if type(m) in (nn.Conv2d, nn.Linear))
         attach(part, options.weight_bits, options.activation_bits, options.softmax_bits, groups, splits)
 
-        calibrator = Calibrator(part, reference, data, groups, options.schedule(), progress, options.seed)
+        calibrator = Calibrator(part, reference, data, groups, options.schedule(), progress, options.calibration_seed)
         losses = calibrate(calibrator, options.method, options.activation_bits < FULL_ACTIVATION_BITS)
         del reference, calibrator
 
@@ -229,7 +229,7 @@ class QDiffusionPlugin(Plugin):
             "group_bounds": bounds,
             "scheduler": data.scheduler,
             "sampling_steps": options.sampling_steps,
-            "guidance": options.guidance,
+            "guidance": options.calibration_guidance,
             "calibration_samples": len(data),
             "losses": {name: list(pair) for name, pair in losses.items()},
             "calibration_seconds": round(time.perf_counter() - started, 1),

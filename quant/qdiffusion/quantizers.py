@@ -188,7 +188,7 @@ class ActivationQuantizer(nn.Module):
     def observe(self, on: bool) -> None:
         self.observed = [[] for _ in self.groups.bounds] if on else None
 
-    def init_range(self, search: bool = True, max_values: int = 1 << 18) -> None:
+    def init_range(self, search: bool = True, max_values: int = 1 << 16) -> None:
         """Set each group's range from the values observed, then stop observing."""
         for group, chunks in enumerate(self.observed or []):
             if not chunks:
