@@ -42,7 +42,7 @@ def one_group() -> TimestepGroups:
 
 
 def calibrated_layer(module: nn.Module, x: torch.Tensor, groups: TimestepGroups | None = None, split: int = 0):
-    """A finalized W8A8 QuantLayer with min-max ranges, its activation range observed on ``x``."""
+    """Return a finalized W8A8 QuantLayer with min-max ranges, its activation range observed on ``x``."""
     layer = QuantLayer(module, 8, 8, groups or one_group(), split)
     layer.init_weight_ranges(search=False)
     layer.quantize_weights = True
@@ -64,7 +64,7 @@ def run_both(layer: QuantLayer, x: torch.Tensor, weight_mode: str) -> tuple[torc
     return output, reference
 
 
-# (module, input) pairs: inputs are shifted Gaussians, so the activation zero points are not 128.
+# (module, input) pairs. Some inputs are shifted Gaussians, so the activation zero points vary around 128.
 LAYERS = {
     "conv3x3": lambda: (nn.Conv2d(64, 48, 3, padding=1), torch.randn(2, 64, 12, 12) + 0.4),
     "conv1x1": lambda: (nn.Conv2d(96, 32, 1), torch.randn(2, 96, 8, 8) * 2),
