@@ -63,6 +63,11 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save(model: nn.Module, config: dict, path: Path) -> Path:
     """Write the quantized tensors of ``model`` and ``config`` to ``path`` atomically."""
+    if getattr(model, "lowbit_int8", None) is not None:
+        raise ValueError(
+            "cannot save this UNet, because its int8 layers no longer contain the stored codes. "
+            "Save it before calling int8.convert"
+        )
     path = Path(path)
     metadata = {METADATA_KEY: json.dumps({**config, "format_version": FORMAT_VERSION}, sort_keys=True)}
     with atomic_path(path) as temporary:
