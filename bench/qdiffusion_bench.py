@@ -101,7 +101,9 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="rows to run (default: all); others are read from --work")
+    parser.add_argument(
+        "--rows", nargs="+", choices=list(ROWS), help="rows to run (default: all); others are read from --work"
+    )
     parser.add_argument("--prompts", type=int, default=90, help="adherence prompts per row (default 90, the full set)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".work", help="folder for images and raw results")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the results page to write")

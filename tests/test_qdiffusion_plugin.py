@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from plugins import studio
 from plugins.qdiffusion import QDiffusionOptions, plugin
-from quant.qdiffusion import artefact
+from quant.qdiffusion import artefact, int8
 from quant.qdiffusion.calibration import calibration_prompts, capture, select_steps
 from quant.runtime import GenerationRequest, PipelineCache, generate
 
@@ -149,7 +149,10 @@ def test_load_names_config_differences(saved):
     message = str(error.value)
     assert "was calibrated on another model (embedded)" in message
     assert "config cross_attention_dim: the file has 64, the model has 32" in message
-    assert "layer down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k: the file has shape [32, 64], the model [32, 32]" in message
+    assert (
+        "layer down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k: the file has shape [32, 64], the model [32, 32]"
+        in message
+    )
 
 
 def test_load_names_weight_difference(cache, saved):
@@ -190,3 +193,30 @@ def studio_model_folder():
     from models.shapes import MODEL_DIR
 
     return MODEL_DIR
+
+
+@pytest.mark.skipif(not int8.available()[0], reason=f"oneDNN int8 kernels missing: {int8.available()[1]}")
+def test_int8_kernels_close_to_simulated_and_saved(cache, tmp_path):
+    settings = {**TINY, "bits": "W8A8", "method": "nearest", "grouped_ranges": False}
+    inputs = _unet_inputs(1)
+    simulated, _ = studio.prepare(cache, None, plugin, QDiffusionOptions.from_dict(settings), dtype=torch.float32)
+    with torch.no_grad():
+        expected = simulated.denoiser(**inputs).sample
+    options = QDiffusionOptions.from_dict({**settings, "kernels": "int8"})
+    loaded, report = studio.prepare(cache, None, plugin, options, dtype=torch.float32)
+    with torch.no_grad():
+        actual = loaded.denoiser(**inputs).sample
+    relative = float((actual - expected).norm() / expected.norm())
+    assert relative < 0.05
+    assert loaded.denoiser.lowbit_int8.converted
+
+    path = tmp_path / "int8.safetensors"
+    plugin.save(loaded.denoiser, report, options, path)
+    reloaded, _ = plugin.load(path, copy.deepcopy(cache.get(None, torch.float32).denoiser))
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).sample, actual)
+
+
+def test_int8_kernels_need_w8a8():
+    with pytest.raises(ValueError, match="kernels 'int8' runs W8A8 layers only; got bits 'W4A8'"):
+        QDiffusionOptions(bits="W4A8", kernels="int8")

@@ -61,9 +61,12 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save(model: nn.Module, config: dict, path: Path) -> Path:
-    """Write the quantized tensors of ``model`` and ``config`` to ``path`` atomically."""
-    if getattr(model, "lowbit_int8", None) is not None:
+def save(model: nn.Module, config: dict, path: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the quantized tensors of ``model`` (or ``state``, taken before int8 conversion) and ``config``.
+
+    The write is atomic.
+    """
+    if state is None and getattr(model, "lowbit_int8", None) is not None:
         raise ValueError(
             "cannot save this UNet, because its int8 layers no longer contain the stored codes. "
             "Save it before calling int8.convert"
@@ -71,7 +74,7 @@ def save(model: nn.Module, config: dict, path: Path) -> Path:
     path = Path(path)
     metadata = {METADATA_KEY: json.dumps({**config, "format_version": FORMAT_VERSION}, sort_keys=True)}
     with atomic_path(path) as temporary:
-        save_file(quantized_state(model), str(temporary), metadata=metadata)
+        save_file(quantized_state(model) if state is None else state, str(temporary), metadata=metadata)
     return path
 
 
@@ -113,15 +116,25 @@ def check_base(config: dict, base: nn.Module, path: Path) -> None:
     saved, current = config.get("model_config", {}), model_config(base)
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
-            problems.append(f"config {key}: the file has {_short(saved.get(key))}, the model has {_short(current.get(key))}")
-    layers = {name: list(module.weight.shape) for name, module in base.named_modules() if type(module) in (nn.Conv2d, nn.Linear)}
+            problems.append(
+                f"config {key}: the file has {_short(saved.get(key))}, the model has {_short(current.get(key))}"
+            )
+    layers = {
+        name: list(module.weight.shape)
+        for name, module in base.named_modules()
+        if type(module) in (nn.Conv2d, nn.Linear)
+    }
     saved_layers = config.get("layers", {})
     missing = sorted(set(saved_layers) - set(layers))
     extra = sorted(set(layers) - set(saved_layers))
     if missing:
-        problems.append(f"layers in the file but not in the model: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        problems.append(
+            f"layers in the file but not in the model: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+        )
     if extra:
-        problems.append(f"layers in the model but not in the file: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
+        problems.append(
+            f"layers in the model but not in the file: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else "")
+        )
     for name in sorted(set(saved_layers) & set(layers)):
         if saved_layers[name] != layers[name]:
             problems.append(f"layer {name}: the file has shape {saved_layers[name]}, the model {layers[name]}")

@@ -92,7 +92,11 @@ class QuantLayer(nn.Module):
     # ---------------------------------------------------------------- weights
 
     def _parts(self, tensor: torch.Tensor, dim: int) -> list[torch.Tensor]:
-        return [tensor] if not self.split else [tensor.narrow(dim, 0, self.split), tensor.narrow(dim, self.split, tensor.shape[dim] - self.split)]
+        return (
+            [tensor]
+            if not self.split
+            else [tensor.narrow(dim, 0, self.split), tensor.narrow(dim, self.split, tensor.shape[dim] - self.split)]
+        )
 
     def init_weight_ranges(self, search: bool = True) -> None:
         for quantizer, part in zip(self.weight_quantizers, self._parts(self.float_weight, 1)):
@@ -184,7 +188,9 @@ class QuantAttnProcessor(nn.Module):
         self.value_quantizer = ActivationQuantizer(activation_bits, groups)
         self.probability_quantizer = ActivationQuantizer(softmax_bits, groups, unsigned=True)
 
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs
+    ):
         return self.forward(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):

@@ -101,7 +101,9 @@ class WeightQuantizer(nn.Module):
         self.soft = True  # soft h(V) while optimising, hard 1[V >= 0] after
 
     def init_range(self, weight: torch.Tensor, search: bool = True) -> None:
-        scale, zero = search_range(weight, self.bits, per_channel=True) if search else min_max_range(weight, self.bits, True)
+        scale, zero = (
+            search_range(weight, self.bits, per_channel=True) if search else min_max_range(weight, self.bits, True)
+        )
         self.scales.copy_(scale)
         self.zero_points.copy_(zero)
 

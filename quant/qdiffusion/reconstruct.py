@@ -335,9 +335,7 @@ def _lp_loss(output: torch.Tensor, target: torch.Tensor, power: float) -> torch.
     return error.sum(dim=1 if error.dim() == 4 else -1).mean()
 
 
-def calibrate(
-    calibrator: Calibrator, method: str, quantize_activations: bool
-) -> dict[str, tuple[float, float]]:
+def calibrate(calibrator: Calibrator, method: str, quantize_activations: bool) -> dict[str, tuple[float, float]]:
     """Run ``method`` ("reconstruct": Q-Diffusion; "nearest": round to nearest with min-max ranges)."""
     started = time.perf_counter()
     layers = quant_layers(calibrator.quantized)
