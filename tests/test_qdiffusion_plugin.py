@@ -150,8 +150,8 @@ def test_load_names_config_differences(saved):
     assert "was calibrated on another model (embedded)" in message
     assert "config cross_attention_dim: the file has 64, the model has 32" in message
     assert (
-        "layer down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k: the file has shape [32, 64], the model [32, 32]"
-        in message
+        "layer down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k: "
+        "the file has shape [32, 64], the model [32, 32]" in message
     )
 
 

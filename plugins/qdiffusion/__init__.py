@@ -326,7 +326,8 @@ class QDiffusionPlugin(Plugin):
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         if missing or unexpected:
             raise artefact.ArtefactMismatch(
-                f"{path} does not hold the tensors its config describes: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                f"{path} does not hold the tensors its config describes: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
         with torch.no_grad():
             state = base_part.state_dict()

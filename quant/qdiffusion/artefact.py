@@ -142,8 +142,8 @@ def check_base(config: dict, base: nn.Module, path: Path) -> None:
         digest = weights_hash(base)
         if digest != config.get("base_hash"):
             problems.append(
-                f"weights: the model's hash is {digest[:12]}..., the file was calibrated on {str(config.get('base_hash'))[:12]}... "
-                "(same architecture, different weights)"
+                f"weights: the model's hash is {digest[:12]}..., the file was calibrated on "
+                f"{str(config.get('base_hash'))[:12]}... (same architecture, different weights)"
             )
     if problems:
         listed = "; ".join(problems)

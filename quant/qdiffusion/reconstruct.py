@@ -156,10 +156,11 @@ class Calibrator:
             targets.append(output.detach())
             raise _Stop
 
-        for model, unit, hook in (
-            (self.quantized, quantized_unit, quantized_unit.register_forward_pre_hook(record_inputs, with_kwargs=True)),
-            (self.reference, reference_unit, reference_unit.register_forward_hook(record_output, with_kwargs=True)),
-        ):
+        hooks = (
+            (self.quantized, quantized_unit.register_forward_pre_hook(record_inputs, with_kwargs=True)),
+            (self.reference, reference_unit.register_forward_hook(record_output, with_kwargs=True)),
+        )
+        for model, hook in hooks:
             try:
                 for rows in self._group_batches():
                     try:
