@@ -1,4 +1,4 @@
-"""What a Q-Diffusion calibration will take, measured before it runs: samples, memory and time.
+"""The cost of a Q-Diffusion calibration, measured before it runs: samples, memory and time.
 
 Shapes come from one real sampling step of the calibration pipeline and one hooked call of a
 quantized copy of the UNet at the calibration batch size. Times come from passes timed on this
@@ -77,7 +77,7 @@ class CalibrationCost:
         return self.input_bytes + self.unit_bytes + self.unet_bytes + self.rounding_bytes
 
     def rows(self) -> dict[str, str]:
-        """Display rows, in order."""
+        """Return the display rows, in order."""
         halves = "unconditional and conditional" if self.rows_per_prompt == 2 else "conditional only"
         samples = (
             f"{self.samples} UNet inputs: {_count(self.prompts, 'prompt')} x {self.rows_per_prompt} ({halves}) "
@@ -116,7 +116,7 @@ def _duration(seconds: float) -> str:
 
 
 def _tensor_bytes(value) -> int:
-    """Bytes of every tensor in a call's arguments or output (tuples and dicts included)."""
+    """Count the bytes of every tensor in a call's arguments or output, inside tuples and dicts too."""
     if torch.is_tensor(value):
         return value.numel() * value.element_size()
     if isinstance(value, (tuple, list)):
@@ -242,7 +242,7 @@ def _sample_inputs(calibration: CalibrationSource, options) -> tuple[Calibration
 
 @dataclass
 class _QuantizedTimes:
-    """What ``_time_quantized_copy`` measured on a quantized copy of the UNet at the calibration batch size."""
+    """Timings and sizes that ``_time_quantized_copy`` measured at the calibration batch size."""
 
     call: float  # seconds of one call with activation observation on, as captures and range observation run it
     units: dict[str, UnitTimes]
@@ -365,6 +365,8 @@ def measure(part: nn.Module, options, calibration: CalibrationSource) -> Calibra
             )
 
     # memory from shapes
+    # NOTE: not counted are a unit's activations kept for its backward pass, and the moment when a
+    # capture concatenates its batches, which briefly doubles the unit's data.
     unet_bytes = sum(t.numel() * t.element_size() for t in [*part.parameters(), *part.buffers()])
     largest = max(quantized.units, key=lambda name: quantized.units[name].data_bytes, default="")
     unit_bytes = quantized.units[largest].data_bytes * samples // batch if largest else 0
