@@ -4,6 +4,8 @@ python launch.py                      # web UI on http://127.0.0.1:7860
 python launch.py --listen --port 7861 --auth user:pass
 python launch.py generate --prompt "a red circle on a blue background" --plugin gguf --qtype Q4_0 --out a.png
 python launch.py quantize --plugin gguf --qtype Q4_0 --out unet.gguf
+python launch.py quantize --plugin qdiffusion --bits W4A8 --out unet.safetensors
+python launch.py generate --prompt "a red circle on a blue background" --plugin qdiffusion --saved unet.safetensors
 python launch.py plugins
 """
 
@@ -27,24 +29,38 @@ class UsageError(Exception):
     """Bad input from the command line; the message names the problem."""
 
 
-def _add_plugin_options(parser: argparse.ArgumentParser, registry) -> None:
-    """Add one flag per plugin option field (``--qtype``, ``--keep``), shared by all plugins."""
+def _add_plugin_options(parser: argparse.ArgumentParser, registry, command_flags: set[str]) -> None:
+    """Add one flag per plugin option field (``--qtype``, ``--keep``), shared by all plugins.
+
+    A field whose flag a command uses for itself (``--seed`` and ``--guidance`` of generate) is
+    named after its plugin in every command (``--qdiffusion-seed``), and keeps its short name too
+    where the command leaves it free. ``command_flags`` contains the flags that any command uses for itself.
+    """
     from plugins.base import field_specs
 
-    seen = set()
+    flags_by_option = {}
     for plugin in registry.plugins.values():
         for spec in field_specs(plugin.options_class):
-            if spec.name in seen:
+            if spec.name in flags_by_option:
                 continue
-            seen.add(spec.name)
+            flag = f"--{spec.name.replace('_', '-')}"
+            flags = [flag]
+            if flag in command_flags:
+                flags = [f"--{plugin.id}-{spec.name.replace('_', '-')}"]
+                if flag not in parser._option_string_actions:
+                    flags.append(flag)
+            flags_by_option[spec.name] = flags[0]
             choices = spec.metadata.get("choices")
-            hint = f" (plugin {plugin.id}; one of {', '.join(map(str, choices))})" if choices else f" (plugin {plugin.id})"
+            hint = (
+                f" (plugin {plugin.id}; one of {', '.join(map(str, choices))})" if choices else f" (plugin {plugin.id})"
+            )
             parser.add_argument(
-                f"--{spec.name.replace('_', '-')}",
+                *flags,
                 dest=f"option_{spec.name}",
                 default=None,
                 help=spec.metadata.get("help", "") + hint,
             )
+    parser.set_defaults(option_flags=flags_by_option)
 
 
 def _plugin_and_options(args, registry):
@@ -54,17 +70,25 @@ def _plugin_and_options(args, registry):
         plugin = registry.get(args.plugin)
     except KeyError as error:
         raise UsageError(error.args[0]) from None
-    values = {
-        key.removeprefix("option_"): value
-        for key, value in vars(args).items()
-        if key.startswith("option_") and value is not None
-    }
+    values = _option_values(args)
     names = {spec.name for spec in dataclasses.fields(plugin.options_class)}
     foreign = sorted(set(values) - names)
     if foreign:
-        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
-        raise UsageError(f"{flags} does not apply to plugin {plugin.id!r}")
+        raise UsageError(f"{_flags(args, foreign)} does not apply to plugin {plugin.id!r}")
     return plugin, options_from_values(plugin, values)
+
+
+def _option_values(args) -> dict:
+    """Return the plugin options given on the command line, by field name."""
+    return {
+        key.removeprefix("option_"): value
+        for key, value in vars(args).items()
+        if key.startswith("option_") and key != "option_flags" and value is not None
+    }
+
+
+def _flags(args, names: list[str]) -> str:
+    return ", ".join(args.option_flags[name] for name in names)
 
 
 def _dtype(name: str | None):
@@ -98,14 +122,9 @@ def command_generate(args, registry) -> int:
     from quant.runtime import GenerationRequest, PipelineCache, resolve_source
 
     plugin, options = _plugin_and_options(args, registry)
-    if args.gguf and plugin.id != "gguf":
-        raise UsageError("--gguf needs --plugin gguf")
-    if args.gguf and not Path(args.gguf).is_file():
-        raise UsageError(f"GGUF file not found: {args.gguf}")
+    saved_file = _saved_file(args, plugin, registry)
     if args.gguf_text_encoder and not Path(args.gguf_text_encoder).is_file():
         raise UsageError(f"GGUF text encoder file not found: {args.gguf_text_encoder}")
-    if args.gguf and getattr(args, "option_qtype", None) is not None:
-        raise UsageError("--qtype does not apply with --gguf: the file sets the type of every tensor")
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -126,7 +145,7 @@ def command_generate(args, registry) -> int:
 
     cache = PipelineCache()
     with _progress_bar("load and quantize") as update:
-        loaded, report = prepare(cache, args.model, plugin, options, args.gguf, update, dtype, args.gguf_text_encoder)
+        loaded, report = prepare(cache, args.model, plugin, options, saved_file, update, dtype, args.gguf_text_encoder)
     with _progress_bar("generate") as update:
         finished = run(loaded, report, request, update)
 
@@ -141,6 +160,35 @@ def command_generate(args, registry) -> int:
         print(f"{label}: {value}")
     print("saved: " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _saved_file(args, plugin, registry) -> str | None:
+    """Check --saved (or --gguf, its older name for GGUF files) against the plugin and return the path, or None."""
+    if args.saved and args.gguf:
+        raise UsageError("give the saved file once: --saved or --gguf, not both")
+    path, flag = (args.gguf, "--gguf") if args.gguf else (args.saved, "--saved")
+    if not path:
+        return None
+    if flag == "--gguf" and plugin.id != "gguf":
+        raise UsageError("--gguf needs --plugin gguf")
+    if plugin.file_suffix is None:
+        savers = ", ".join(p.id for p in registry.plugins.values() if p.file_suffix)
+        raise UsageError(f"{flag} needs the plugin that wrote the file ({savers}); plugin {plugin.id!r} saves no file")
+    if Path(path).suffix != plugin.file_suffix:
+        raise UsageError(f"{flag} must name a {plugin.file_suffix} file for plugin {plugin.id!r}, got {path!r}")
+    if not Path(path).is_file():
+        kind = "GGUF file" if flag == "--gguf" else "saved file"
+        raise UsageError(f"{kind} not found: {path}")
+    options_given = sorted(_option_values(args))
+    if options_given:
+        raise UsageError(
+            f"{_flags(args, options_given)} does not apply with {flag}: the file sets the options it was saved with"
+        )
+    return path
+
+
+def _print_progress(fraction: float, message: str) -> None:
+    print(f"[{fraction:4.0%}] {message}", flush=True)
 
 
 def command_quantize(args, registry) -> int:
@@ -160,9 +208,13 @@ def command_quantize(args, registry) -> int:
     dtype = _dtype(args.dtype)
     cache = PipelineCache()
     for label, value in estimate(cache, args.model, plugin, options, dtype).items():
-        print(f"{label}: {value}")
-    with _progress_bar("load and quantize") as update:
-        report = quantize_to_file(cache, args.model, plugin, options, out, update, dtype)
+        print(f"{label}: {value}", flush=True)
+    if plugin.needs_calibration:
+        # Calibration steps are few and slow, so one printed line each keeps their losses readable.
+        report = quantize_to_file(cache, args.model, plugin, options, out, _print_progress, dtype)
+    else:
+        with _progress_bar("load and quantize") as update:
+            report = quantize_to_file(cache, args.model, plugin, options, out, update, dtype)
     print(report.summary())
     print(f"saved: {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
@@ -226,8 +278,12 @@ def build_parser(registry) -> argparse.ArgumentParser:
     )
     generate.add_argument("--plugin", default="full", help="quantization plugin id (see `launch.py plugins`)")
     generate.add_argument(
-        "--gguf", default=None, help="load the UNet or transformer from this .gguf file (with --plugin gguf)"
+        "--saved",
+        default=None,
+        help="load the UNet or transformer from a file that `launch.py quantize` saved, instead of quantizing: "
+        "a .gguf file with --plugin gguf, a .safetensors file with --plugin qdiffusion",
     )
+    generate.add_argument("--gguf", default=None, help="the same as --saved, for .gguf files (with --plugin gguf)")
     generate.add_argument(
         "--gguf-text-encoder",
         default=None,
@@ -248,7 +304,6 @@ def build_parser(registry) -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="compute dtype (default: the device probe's choice, shown by `launch.py plugins`)",
     )
-    _add_plugin_options(generate, registry)
 
     quantize = commands.add_parser("quantize", help="quantize a model's UNet or transformer and save the artefact")
     quantize.add_argument(
@@ -262,7 +317,9 @@ def build_parser(registry) -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="compute dtype (default: the device probe's choice, shown by `launch.py plugins`)",
     )
-    _add_plugin_options(quantize, registry)
+    command_flags = {*generate._option_string_actions, *quantize._option_string_actions}
+    for command in (generate, quantize):
+        _add_plugin_options(command, registry, command_flags)
 
     commands.add_parser("plugins", help="list plugins and whether they can run here")
     webui = commands.add_parser("webui", help="start the web UI (the default)")

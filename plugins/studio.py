@@ -6,6 +6,7 @@ Everything here runs without gradio, so the command line and tests call exactly 
 import copy
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,32 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]  # (fraction done, status message)
 
 
+class Cancelled(Exception):
+    """A run stopped at a progress report at the user's request. It saved and cached nothing."""
+
+
+def cancellable(progress: Progress | None, cancel: threading.Event) -> Progress:
+    """Wrap ``progress`` so that the first report after ``cancel`` is set raises ``Cancelled``.
+
+    A plugin reports progress between units of work (a layer, a calibration block), so a run stops
+    at the end of the unit it is in, and the exception unwinds before anything is saved.
+    """
+
+    def report(fraction: float, message: str) -> None:
+        if cancel.is_set():
+            raise Cancelled(f"cancelled at {message}")
+        if progress is not None:
+            progress(fraction, message)
+
+    return report
+
+
+def method_label(plugin_id: str, options: dict) -> str:
+    """Name a method with its type, as in "gguf Q4_K_M" or "qdiffusion W4A8". Full precision is "full"."""
+    setting = options.get("qtype") or options.get("bits") or ""
+    return f"{plugin_id} {setting}".strip() if plugin_id != "full" else plugin_id
+
+
 @dataclass
 class Run:
     """One finished generation with the method that produced it."""
@@ -49,9 +76,7 @@ class Run:
         """Return the figures shown after each run, in display order."""
         result, report = self.result, self.report
         return {
-            "method": report.plugin
-            if report.plugin == "full"
-            else f"{report.plugin} {report.options.get('qtype', '')}".strip(),
+            "method": method_label(report.plugin, report.options),
             "time": f"{result.seconds:.2f} s ({result.seconds_per_step * 1000:.1f} ms per step)",
             result.peak_memory_kind: f"{result.peak_memory_bytes / 2**20:.0f} MiB",
             "weight bytes resident": f"{result.weight_bytes / 1e6:.2f} MB",
@@ -65,30 +90,26 @@ def prepare(
     model: str | None,
     plugin: Plugin,
     options: PluginOptions,
-    gguf_file: str | None = None,
+    saved_file: str | None = None,
     progress: Progress | None = None,
     dtype: torch.dtype | None = None,
     text_encoder_file: str | None = None,
 ) -> tuple[LoadedModel, QuantizeReport]:
-    """Load ``model`` and apply ``plugin`` to its UNet or transformer (or load ``gguf_file`` into it).
+    """Load ``model`` and apply ``plugin`` to its UNet or transformer, or load the plugin's ``saved_file`` into it.
 
     ``dtype`` is the compute dtype; None takes the device probe's choice. ``text_encoder_file``
     replaces the text encoder that the file's architecture names (T5 or CLIP) before that.
     """
     if text_encoder_file and plugin.id != "gguf":
         raise ValueError(f"a GGUF text encoder file needs plugin 'gguf', not {plugin.id!r}")
-    # A broken or foreign file fails here, before the model is loaded; its data is only mapped.
-    for path in (gguf_file, text_encoder_file):
+    if saved_file:
+        check_saved_file(plugin, Path(saved_file))
+    # A broken or foreign GGUF file fails here, before the model is loaded. Its data is only mapped.
+    for path in (saved_file, text_encoder_file):
         if path and plugin.file_suffix == ".gguf":
             read_file(Path(path))
     loaded = cache.get(model, dtype)
-    ok, reason = plugin.available()
-    if not ok:
-        raise RuntimeError(f"plugin {plugin.id!r} is not available on this machine: {reason}")
-    if not plugin.applies_to(loaded.family, loaded.denoiser_name):
-        raise ValueError(
-            f"plugin {plugin.id!r} does not apply to the {loaded.denoiser_name} of a {loaded.family} model"
-        )
+    _check_applies(plugin, loaded)
 
     def layer_progress(done: int, total: int, name: str) -> None:
         if progress is not None:
@@ -98,8 +119,8 @@ def prepare(
         if text_encoder_file:
             base = load_text_encoder(base, plugin, Path(text_encoder_file))
         denoiser = copy.deepcopy(base.denoiser)
-        if gguf_file:
-            denoiser, report = plugin.load(Path(gguf_file), denoiser)
+        if saved_file:
+            denoiser, report = plugin.load(Path(saved_file), denoiser)
         elif plugin.needs_calibration:
             calibration = CalibrationSource(base.pipeline, base.family, base.source)
             denoiser, report = plugin.quantize(denoiser, options, layer_progress, calibration=calibration)
@@ -109,16 +130,39 @@ def prepare(
         logger.info("%s", report.summary())
         return with_denoiser(base, denoiser), report
 
-    if plugin.id == "full" and not gguf_file:
+    if plugin.id == "full" and not saved_file:
         _, report = plugin.quantize(loaded.denoiser, options)
         return loaded, report
-    if gguf_file:
-        key = f"{plugin.id}:{_file_key(Path(gguf_file))}"
+    if saved_file:
+        key = f"{plugin.id}:{_file_key(Path(saved_file))}"
     else:
         key = f"{plugin.id}:{options.to_json()}"
     if text_encoder_file:
         key += f":text encoder {_file_key(Path(text_encoder_file))}"
     return cache.variant(loaded, key, quantize)
+
+
+def check_saved_file(plugin: Plugin, path: Path) -> None:
+    """Raise unless ``path`` is an existing file with the suffix of ``plugin``'s artefacts."""
+    if plugin.file_suffix is None:
+        raise ValueError(f"plugin {plugin.id!r} saves no file, so it cannot load {str(path)!r}")
+    if path.suffix != plugin.file_suffix:
+        raise ValueError(
+            f"plugin {plugin.id!r} loads {plugin.file_suffix} files, got {str(path)!r}; "
+            "pick the plugin that wrote the file"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"saved file not found: {path}")
+
+
+def _check_applies(plugin: Plugin, loaded: LoadedModel) -> None:
+    ok, reason = plugin.available()
+    if not ok:
+        raise RuntimeError(f"plugin {plugin.id!r} is not available on this machine: {reason}")
+    if not plugin.applies_to(loaded.family, loaded.denoiser_name):
+        raise ValueError(
+            f"plugin {plugin.id!r} does not apply to the {loaded.denoiser_name} of a {loaded.family} model"
+        )
 
 
 def _file_key(path: Path) -> str:
@@ -284,10 +328,15 @@ def save_images(finished: Run, folder: Path, enlarge_to: int = 0) -> list[tuple[
 def estimate(
     cache: PipelineCache, model: str | None, plugin: Plugin, options: PluginOptions, dtype: torch.dtype | None = None
 ) -> dict[str, str]:
-    """Return the sizes a quantize run would give, computed from the model's shapes without quantizing."""
+    """Return the sizes a quantize run would give, computed from the model's shapes without quantizing.
+
+    For a plugin that calibrates, the rows also list what calibrating will take (samples, memory and
+    time), which the plugin measures on the loaded model.
+    """
     from quant.layers import weight_bytes
 
     loaded = cache.get(model, dtype)
+    _check_applies(plugin, loaded)
     full = weight_bytes(loaded.denoiser)
     estimated = plugin.estimate_bytes(loaded.denoiser, options)
     figures = {
@@ -298,14 +347,22 @@ def estimate(
         figures["estimated file"] = f"plugin {plugin.id!r} gives no estimate"
     else:
         figures["estimated file"] = f"{estimated / 1e6:.2f} MB ({estimated / full:.1%} of full precision)"
+    if plugin.needs_calibration:
+        calibration = CalibrationSource(loaded.pipeline, loaded.family, loaded.source)
+        figures.update(plugin.calibration_cost(loaded.denoiser, options, calibration))
     return figures
 
 
 def artefact_name(model: str | None, plugin: Plugin, options: PluginOptions) -> str:
-    """Name the file a quantize run saves: the model's name, the type and the plugin's suffix."""
+    """Name the file a quantize run saves: model, type and suffix, as in embedded-Q4_K_M.gguf.
+
+    A GGUF file is named by its qtype alone, as GGUF files usually are. Other plugins' files also
+    name the plugin, as in embedded-qdiffusion-W4A8.safetensors.
+    """
     stem = "embedded" if model in (None, "", "embedded") else Path(model.rstrip("/")).stem.replace("/", "-")
-    qtype = getattr(options, "qtype", plugin.id)
-    return f"{stem}-{qtype}{plugin.file_suffix}"
+    values = options.to_dict()
+    label = values["qtype"] if "qtype" in values else method_label(plugin.id, values).replace(" ", "-")
+    return f"{stem}-{label}{plugin.file_suffix}"
 
 
 def quantize_to_file(

@@ -122,8 +122,8 @@ def plugin_picker(
                 files[plugin_id] = gr.Textbox(
                     "",
                     label=f"saved {plugin.file_suffix} file",
-                    info=f"path of a {plugin.file_suffix} file to load instead of quantizing; "
-                    "the file sets the types, so the options above are ignored",
+                    info=f"path of a {plugin.file_suffix} file that {plugin.name} saved, to load instead of "
+                    "quantizing; the file sets the options it was saved with, so the options above are ignored",
                 )
         groups[plugin_id] = group
     return PluginPicker(dropdown, groups, fields, files)
