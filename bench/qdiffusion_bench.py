@@ -127,7 +127,8 @@ def main() -> None:
     )
     header = (
         f"Measured with `python -m bench.qdiffusion_bench` on {cpu}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, float32 compute, {time.strftime('%Y-%m-%d')}. Embedded shapes model, "
+        f"{torch.__version__}, {torch.get_num_threads()} torch thread(s), float32 compute, "
+        f"{time.strftime('%Y-%m-%d')}. Embedded shapes model, "
         f"{rows[0]['prompts']} adherence prompts, {STEPS} steps, guidance {GUIDANCE}; Q-Diffusion rows use the "
         "fast profile and the plugin's default options unless the row says otherwise.\n"
     )

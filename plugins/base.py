@@ -186,7 +186,9 @@ class Plugin(ABC):
         """Return the estimated size in bytes of the artefact ``save`` writes, or None when unknown."""
         return None
 
-    def calibration_cost(self, part: nn.Module, options: PluginOptions, calibration: CalibrationSource) -> dict[str, str]:
+    def calibration_cost(
+        self, part: nn.Module, options: PluginOptions, calibration: CalibrationSource
+    ) -> dict[str, str]:
         """Return what calibrating will take (samples, memory, time), for display before a run; {} when nothing."""
         return {}
 

@@ -20,7 +20,7 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY_CALIBRATION = [
     "--bits",
     "W4A8",
-    "--prompts",
+    "--calibration-prompts",
     "1",
     "--sampling-steps",
     "2",

@@ -280,7 +280,7 @@ def calibrated_unet():
         {
             "bits": "W8A8",
             "method": "nearest",
-            "prompts": 1,
+            "calibration_prompts": 1,
             "sampling_steps": 6,
             "calibration_steps": 3,
             "grouped_ranges": True,

@@ -83,7 +83,9 @@ def calibrated(plugin, cache):
 
 
 def test_estimate_adds_calibration_rows(plugin, cache):
-    figures = studio.estimate(cache, None, plugin, _options(plugin, RECONSTRUCT, prompts=2, calibration_steps=2))
+    figures = studio.estimate(
+        cache, None, plugin, _options(plugin, RECONSTRUCT, calibration_prompts=2, calibration_steps=2)
+    )
     assert figures["part"] == "unet of embedded"
     assert figures["calibration samples"] == "8 UNet inputs: 2 prompts x 2 (unconditional and conditional) x 2 steps"
     memory = figures["calibration memory (estimate)"]
@@ -96,7 +98,9 @@ def test_estimate_adds_calibration_rows(plugin, cache):
 
 
 def test_estimate_without_guidance_counts_one_row(plugin, cache):
-    figures = studio.estimate(cache, None, plugin, _options(plugin, NEAREST, calibration_prompts=3, calibration_guidance=1.0))
+    figures = studio.estimate(
+        cache, None, plugin, _options(plugin, NEAREST, calibration_prompts=3, calibration_guidance=1.0)
+    )
     assert figures["calibration samples"] == "3 UNet inputs: 3 prompts x 1 (conditional only) x 1 step"
     assert "AdaRound" not in figures["calibration memory (estimate)"]
 

@@ -48,7 +48,7 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def model_config(model: nn.Module) -> dict:
-    """The diffusers config of ``model`` as plain JSON values, without the file-describing entries."""
+    """Return the diffusers config of ``model`` as plain JSON values, without the file-describing entries."""
     config = dict(getattr(model, "config", {}))
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in IGNORED_CONFIG_KEYS}, default=list))
 
@@ -113,12 +113,14 @@ def check_base(config: dict, base: nn.Module, path: Path) -> None:
     saved_class, base_class = config.get("model_class"), type(base).__name__
     if saved_class != base_class:
         problems.append(f"model class: the file has {saved_class}, the model is {base_class}")
+
     saved, current = config.get("model_config", {}), model_config(base)
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
             problems.append(
                 f"config {key}: the file has {_short(saved.get(key))}, the model has {_short(current.get(key))}"
             )
+
     layers = {
         name: list(module.weight.shape)
         for name, module in base.named_modules()
@@ -138,6 +140,7 @@ def check_base(config: dict, base: nn.Module, path: Path) -> None:
     for name in sorted(set(saved_layers) & set(layers)):
         if saved_layers[name] != layers[name]:
             problems.append(f"layer {name}: the file has shape {saved_layers[name]}, the model {layers[name]}")
+
     if not problems:
         digest = weights_hash(base)
         if digest != config.get("base_hash"):
@@ -145,6 +148,7 @@ def check_base(config: dict, base: nn.Module, path: Path) -> None:
                 f"weights: the model's hash is {digest[:12]}..., the file was calibrated on "
                 f"{str(config.get('base_hash'))[:12]}... (same architecture, different weights)"
             )
+
     if problems:
         listed = "; ".join(problems)
         raise ArtefactMismatch(

@@ -1,6 +1,6 @@
 """Q-Diffusion's calibration: BRECQ block reconstruction with AdaRound, then learned activation steps.
 
-Written by hand because no maintained library implements it; it follows Q-Diffusion's official code
+Written by hand because no maintained library implements it. It follows Q-Diffusion's official code
 (Xiuyu-Li/q-diffusion), which builds on BRECQ (Li et al., 2021) and AdaRound (Nagel et al., 2020).
 
 Units are reconstructed one at a time in the order the UNet runs them: ResBlocks and transformer
@@ -293,7 +293,7 @@ class Calibrator:
     # ---------------------------------------------------------------- helpers
 
     def _probe_rows(self, count: int) -> torch.Tensor:
-        """A fixed set of rows on which the loss before and after each unit is reported."""
+        """Pick the fixed rows on which the loss before and after each unit is reported."""
         return torch.randperm(count, generator=torch.Generator().manual_seed(1))[: 4 * self.schedule.batch_size]
 
     @torch.no_grad()
@@ -346,7 +346,9 @@ def calibrate(calibrator: Calibrator, method: str, quantize_activations: bool) -
         layer.quantize_weights = True
 
     units = calibrator.units() if method == "reconstruct" else []
-    steps = len(units) * (2 if quantize_activations else 1) + (1 if quantize_activations else 0)
+    steps = len(units)
+    if quantize_activations:
+        steps += len(units) + 1  # the activation phase of each unit, after one range initialisation
     for index, name in enumerate(units, start=1):
         calibrator.reconstruct_weights(name, index, steps)
     for layer in layers.values():
