@@ -311,3 +311,15 @@ def test_taken_option_flag_gets_plugin_prefix():
     assert generate.option_seed == "7"
     quantize = parser.parse_args(["quantize", "--plugin", "seeded", "--out", "u.safetensors", "--guidance", "2"])
     assert quantize.option_guidance == "2"
+
+
+def test_command_help_lists_plugin_options():
+    sys.path.insert(0, str(ROOT))
+    from launch import build_parser
+    from plugins.registry import discover
+
+    parser = build_parser(discover())
+    for command in ("generate", "quantize"):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([command, "--help"])
+        assert exit_info.value.code == 0

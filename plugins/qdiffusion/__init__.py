@@ -104,7 +104,7 @@ class QDiffusionOptions(PluginOptions):
     kernels: str = option(
         "simulated",
         "simulated: quantize and dequantize around float32 matmuls, the reference on every device; int8: run "
-        "W8A8 layers on oneDNN's int8 kernels (CPU only, output within about 2% of the simulated path on "
+        "W8A8 layers on oneDNN's int8 kernels (CPU only, output within about 2 percent of the simulated path on "
         "CPUs without VNNI; measured no faster than float32 on an AVX2 CPU without VNNI)",
         choices=("simulated", "int8"),
     )
@@ -117,7 +117,9 @@ class QDiffusionOptions(PluginOptions):
                 f"calibration_steps ({self.calibration_steps}) must not exceed sampling_steps ({self.sampling_steps})"
             )
         if self.kernels == "int8" and self.bits != "W8A8":
-            raise ValueError(f"kernels 'int8' runs W8A8 layers only; got bits {self.bits!r}")
+            raise ValueError(
+                f"kernels 'int8' runs W8A8 layers only; got bits {self.bits!r}. Use bits W8A8 or kernels 'simulated'"
+            )
         if self.grouped_ranges and self.range_groups > self.calibration_steps:
             raise ValueError(
                 f"range_groups ({self.range_groups}) must not exceed calibration_steps ({self.calibration_steps}), "
