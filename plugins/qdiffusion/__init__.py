@@ -158,6 +158,11 @@ def _log_fallback(timestep: float, group: int, bounds: list[tuple[float, float]]
     )
 
 
+def _timestep_groups(bounds: list[tuple[float, float]], calibrated: list[float]) -> TimestepGroups:
+    """Build the shared timestep groups, logging each timestep that falls back to a nearest group."""
+    return TimestepGroups(bounds, calibrated, lambda timestep, group: _log_fallback(timestep, group, bounds))
+
+
 def _storage_bytes(part: nn.Module, options: QDiffusionOptions, groups: int) -> int:
     """Bytes of the tensors ``save`` writes, computed from shapes alone."""
     quantize_activations = options.activation_bits < FULL_ACTIVATION_BITS
@@ -236,19 +241,15 @@ class QDiffusionPlugin(Plugin):
         kept = select_steps(options.sampling_steps, options.calibration_steps)
         calibrated = [data.timesteps[index] for index in kept]
         bounds = group_bounds(calibrated, options.range_groups if options.grouped_ranges else 1)
-        groups = TimestepGroups(bounds, calibrated, lambda t, g: _log_fallback(t, g, bounds))
+        groups = _timestep_groups(bounds, calibrated)
 
         rows = torch.arange(min(2, len(data)))
         device, dtype = next(part.parameters()).device, next(part.parameters()).dtype
         splits = {}
         if options.split_shortcut:
             splits = find_skip_splits(part, lambda: part(**data.unet_inputs(rows, device, dtype)))
-        layer_shapes = {
-            name: list(m.weight.shape) for name, m in part.named_modules() if type(m) in (nn.Conv2d, nn.Linear)
-        }
-        bytes_before = sum(
-            m.weight.numel() * m.weight.element_size() for m in part.modules() if type(m) in (nn.Conv2d, nn.Linear)
-        )
+        layer_shapes = artefact.layer_shapes(part)
+        bytes_before = artefact.float_layer_bytes(part)
         attach(part, options.weight_bits, options.activation_bits, options.softmax_bits, groups, splits)
 
         calibrator = Calibrator(part, reference, data, groups, options.schedule(), progress, options.calibration_seed)
@@ -310,10 +311,8 @@ class QDiffusionPlugin(Plugin):
         config, tensors = artefact.read(path)
         artefact.check_base(config, base_part, path)
         bounds = [tuple(pair) for pair in config["group_bounds"]]
-        groups = TimestepGroups(bounds, config["calibrated_timesteps"], lambda t, g: _log_fallback(t, g, bounds))
-        bytes_before = sum(
-            m.weight.numel() * m.weight.element_size() for m in base_part.modules() if type(m) in (nn.Conv2d, nn.Linear)
-        )
+        groups = _timestep_groups(bounds, config["calibrated_timesteps"])
+        bytes_before = artefact.float_layer_bytes(base_part)
         attach(
             base_part,
             config["weight_bits"],

@@ -53,6 +53,16 @@ def model_config(model: nn.Module) -> dict:
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in IGNORED_CONFIG_KEYS}, default=list))
 
 
+def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Return the weight shape of every Conv2d and Linear of a full-precision model, by name."""
+    return {name: list(m.weight.shape) for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)}
+
+
+def float_layer_bytes(model: nn.Module) -> int:
+    """Return the bytes of the Conv2d and Linear weights of a full-precision model."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear))
+
+
 def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         name: tensor.detach().contiguous().cpu()
@@ -121,11 +131,7 @@ def check_base(config: dict, base: nn.Module, path: Path) -> None:
                 f"config {key}: the file has {_short(saved.get(key))}, the model has {_short(current.get(key))}"
             )
 
-    layers = {
-        name: list(module.weight.shape)
-        for name, module in base.named_modules()
-        if type(module) in (nn.Conv2d, nn.Linear)
-    }
+    layers = layer_shapes(base)
     saved_layers = config.get("layers", {})
     missing = sorted(set(saved_layers) - set(layers))
     extra = sorted(set(layers) - set(saved_layers))

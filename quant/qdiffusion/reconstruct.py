@@ -31,7 +31,13 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from quant.qdiffusion.calibration import CalibrationData
-from quant.qdiffusion.modules import QuantLayer, activation_quantizers, quant_layers, set_activation_quantization
+from quant.qdiffusion.modules import (
+    FULL_ACTIVATION_BITS,
+    QuantLayer,
+    activation_quantizers,
+    quant_layers,
+    set_activation_quantization,
+)
 from quant.qdiffusion.quantizers import LP_NORM, TimestepGroups
 
 logger = logging.getLogger(__name__)
@@ -91,6 +97,7 @@ class UnitData:
     args: tuple
     kwargs: dict
     target: torch.Tensor
+    groups: torch.Tensor  # the timestep group of each row
 
     def __len__(self) -> int:
         return self.target.shape[0]
@@ -160,21 +167,20 @@ class Calibrator:
             (self.quantized, quantized_unit.register_forward_pre_hook(record_inputs, with_kwargs=True)),
             (self.reference, reference_unit.register_forward_hook(record_output, with_kwargs=True)),
         )
+        batches = self._group_batches()
         for model, hook in hooks:
             try:
-                for rows in self._group_batches():
+                for rows in batches:
                     try:
                         self.run(model, rows)
                     except _Stop:
                         pass
             finally:
                 hook.remove()
-        order = torch.cat(self._group_batches())
         args = _collate([args for args, _ in inputs])
         kwargs = _collate([kwargs for _, kwargs in inputs])
-        # Rows were captured group by group; keep them in that order and remember each row's group.
-        self._captured_groups = self.row_groups[order]
-        return UnitData(args, kwargs, torch.cat(targets))
+        # Rows were captured group by group, so each row's group follows the batches' order.
+        return UnitData(args, kwargs, torch.cat(targets), self.row_groups[torch.cat(batches)])
 
     # ---------------------------------------------------------------- units
 
@@ -258,11 +264,11 @@ class Calibrator:
     def reconstruct_activations(self, unit_name: str, index: int, total: int) -> None:
         unit = self.quantized.get_submodule(unit_name)
         quantizers = activation_quantizers(unit)
-        trainable = [q for q in quantizers if q.bits < 16]
+        trainable = [q for q in quantizers if q.bits < FULL_ACTIVATION_BITS]
         if not trainable or self.schedule.activation_iterations == 0:
             return
         data = self.capture(unit_name)
-        groups = self._captured_groups
+        groups = data.groups
         probe = self._probe_rows(len(data))
         before = self._loss(unit, data, probe, power=LP_NORM, groups=groups)
 
