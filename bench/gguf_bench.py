@@ -21,7 +21,6 @@ picks on CPUs without AVX512-BF16 or AMX.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import gguf
 import numpy as np
 import torch
 
+from bench import cpu_name
 from quant.files import release_freed_memory
 from quant.runtime import PeakMemory
 
@@ -315,10 +315,7 @@ def main() -> None:
         sections[TITLES[model]] = f"### {TITLES[model]}\n\n{_table(model, rows)}\n\nQuantize times: {times}.\n"
         print(sections[TITLES[model]], flush=True)
 
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
+    cpu = cpu_name()
     header = (
         f"Measured with `python -m bench.gguf_bench` on {cpu}, {os.cpu_count()} cores, torch "
         f"{torch.__version__}, float32 compute, {time.strftime('%Y-%m-%d')}.\n"

@@ -27,7 +27,6 @@ a second float copy of the weights.
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 from torch import nn
 
+from bench import cpu_name
 from quant.layers import weight_bytes
 from quant.qdiffusion import int8
 from quant.qdiffusion.modules import (
@@ -239,14 +239,6 @@ def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- results page
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def step_table(steps: dict[str, dict]) -> str:

@@ -16,13 +16,13 @@ Rows are calibrated one after another in this process, and each row's raw figure
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench import cpu_name
 from models.shapes import grammar
 from plugins import studio
 from plugins.registry import discover
@@ -121,10 +121,7 @@ def main() -> None:
         if (args.work / f"qdiffusion-{name}.json").is_file()
     ]
     add_quality(rows, args.work)
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
+    cpu = cpu_name()
     header = (
         f"Measured with `python -m bench.qdiffusion_bench` on {cpu}, {os.cpu_count()} cores, torch "
         f"{torch.__version__}, {torch.get_num_threads()} torch thread(s), float32 compute, "
