@@ -100,7 +100,7 @@ def _convert(name: str, value, hint):
 
 @dataclass
 class CalibrationSource:
-    """What a calibrating method samples from: the full-precision pipeline, its family and its source."""
+    """The source a calibrating method samples from: the full-precision pipeline, its family and its source."""
 
     pipeline: object  # a diffusers pipeline whose denoiser is still in full precision
     family: str

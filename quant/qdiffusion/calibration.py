@@ -6,7 +6,7 @@ sampling step, the latent, the timestep and the text conditioning. With classifi
 the UNet sees the unconditional and the conditional half in one batch, so both are recorded.
 ``select_steps`` then keeps ``count`` steps chosen uniformly by index, starting at the noisiest
 (indices 0, k, 2k, ... with k = steps // count). ``count = 1`` keeps only the noisiest step, the
-one-step calibration that the paper uses as its naive baseline.
+one-step calibration that Q-Diffusion (Li et al., ICCV 2023) uses as its naive baseline.
 """
 
 import logging
@@ -99,8 +99,8 @@ class CalibrationData:
 def calibration_prompts(family: str, count: int) -> list[tuple[str, int]]:
     """Return ``count`` (prompt, seed) pairs for calibration, kept apart from the evaluation pairs.
 
-    The embedded model's grammar has 90 captions, all of which the adherence score uses; its
-    calibration pairs take captions in a fixed shuffled order with seeds from 1,000,000 up.
+    The embedded model's grammar has 90 captions, and the adherence score uses all of them. So its
+    calibration pairs take captions in a fixed shuffled order, with seeds from 1,000,000 up.
     """
     if family == "shapes":
         scenes = grammar.all_scenes()

@@ -1,6 +1,6 @@
 """Simulated-quantization layers of Q-Diffusion and the function that puts them into a UNet.
 
-``QuantLayer`` replaces an ``nn.Conv2d`` or ``nn.Linear``. While calibrating it holds the float
+``QuantLayer`` replaces an ``nn.Conv2d`` or ``nn.Linear``. While calibrating it keeps the float
 weight and quantizes it (round to nearest, or AdaRound while reconstructing). ``finalize()`` then
 replaces the float weight with integer codes, and the forward pass dequantizes them.
 
@@ -115,7 +115,7 @@ class QuantLayer(nn.Module):
         return sum(quantizer.regulariser(beta) for quantizer in self.weight_quantizers)
 
     def codes(self) -> torch.Tensor:
-        """The weight's integer codes (float32, the weight's shape)."""
+        """Return the weight's integer codes (float32, the weight's shape)."""
         if self.float_weight is None:
             return unpack_codes(self.qweight, self.weight_bits, self.weight_shape)
         parts = self._parts(self.float_weight, 1)

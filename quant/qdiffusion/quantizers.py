@@ -142,7 +142,7 @@ class TimestepGroups:
     """Which activation ranges apply now: a shared state set from the UNet's timestep before each call.
 
     ``bounds`` lists, per group, the (highest, lowest) calibrated timestep it covers, in sampling
-    order. A timestep inside a group's bounds selects it; any other timestep selects the group whose
+    order. A timestep inside a group's bounds selects it. Any other timestep selects the group whose
     bounds are nearest, and ``on_fallback(timestep, group)`` is called the first time that happens.
     """
 
